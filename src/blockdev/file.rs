@@ -1,0 +1,330 @@
+//! Image-file and block-device backend: positional I/O on one fd.
+//!
+//! The fd is opened `O_DIRECT` where the underlying filesystem or device
+//! accepts it (tmpfs does not), and kept so for the life of the mount.
+//! Ranges whose memory, offset or length are not 4 KiB aligned go through
+//! an aligned bounce buffer. The whole device is `flock`ed so that two
+//! daemons (or a daemon and fsck) never share it.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::{check_device_range, BlockDevice, DeviceError, Direction, IoBuffer, IoRange};
+
+const ALIGN: usize = 4096;
+
+/// How to open a device.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenMode {
+    pub read_only: bool,
+    /// How long to wait for another user (an unmounting daemon) to let go.
+    pub lock_wait: Duration,
+    /// Try O_DIRECT (falls back to buffered I/O where refused).
+    pub direct: bool,
+}
+
+impl Default for OpenMode {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            lock_wait: Duration::from_secs(10),
+            direct: true,
+        }
+    }
+}
+
+pub struct FileDevice {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    direct: bool,
+}
+
+impl FileDevice {
+    pub fn open(path: &Path, mode: OpenMode) -> Result<Self, DeviceError> {
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(!mode.read_only);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let (file, direct) = if mode.direct {
+            match open(true) {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    info!(
+                        "{}: O_DIRECT refused by the underlying filesystem; using buffered I/O",
+                        path.display()
+                    );
+                    (open(false)?, false)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            (open(false)?, false)
+        };
+        lock(&file, path, mode)?;
+        let meta = file.metadata()?;
+        let size = if meta.file_type().is_block_device() {
+            // SAFETY: lseek on an fd we own; SEEK_END gives the device size.
+            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+            if end < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            end as u64
+        } else {
+            meta.len()
+        };
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            size,
+            direct,
+        })
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One positional transfer at a raw address, retrying short transfers.
+    fn raw_io(&self, dir: Direction, ptr: *mut u8, len: usize, off: u64) -> std::io::Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: ptr..ptr+len is valid memory (checked by the caller
+            // against the IoBuffer bounds or owned by the bounce buffer).
+            let n = unsafe {
+                let p = ptr.add(done);
+                let o = (off + done as u64) as libc::off_t;
+                match dir {
+                    Direction::Read => libc::pread(self.file.as_raw_fd(), p.cast(), len - done, o),
+                    Direction::Write => {
+                        libc::pwrite(self.file.as_raw_fd(), p.cast(), len - done, o)
+                    }
+                }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "device returned no data",
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// A transfer O_DIRECT cannot take as it is: go through aligned memory
+    /// covering whole blocks, reading the partial edge blocks first when
+    /// writing.
+    fn bounced(&self, dir: Direction, ptr: *mut u8, len: usize, off: u64) -> std::io::Result<()> {
+        let start = off & !(ALIGN as u64 - 1);
+        let end = (off + len as u64).div_ceil(ALIGN as u64) * ALIGN as u64;
+        let mut bounce = AlignedBuf::new((end - start) as usize);
+        let head = (off - start) as usize;
+        match dir {
+            Direction::Read => {
+                self.raw_io(Direction::Read, bounce.as_mut_ptr(), bounce.len(), start)?;
+                // SAFETY: both ranges are valid for len bytes and disjoint.
+                unsafe { std::ptr::copy_nonoverlapping(bounce.as_mut_ptr().add(head), ptr, len) };
+            }
+            Direction::Write => {
+                let blen = bounce.len();
+                if head != 0 {
+                    self.raw_io(Direction::Read, bounce.as_mut_ptr(), ALIGN, start)?;
+                }
+                if (off + len as u64) % ALIGN as u64 != 0 && (head == 0 || blen > ALIGN) {
+                    let last = blen - ALIGN;
+                    // SAFETY: last + ALIGN == blen, inside the bounce buffer.
+                    let p = unsafe { bounce.as_mut_ptr().add(last) };
+                    self.raw_io(Direction::Read, p, ALIGN, end - ALIGN as u64)?;
+                }
+                // SAFETY: both ranges are valid for len bytes and disjoint.
+                unsafe { std::ptr::copy_nonoverlapping(ptr, bounce.as_mut_ptr().add(head), len) };
+                self.raw_io(Direction::Write, bounce.as_mut_ptr(), blen, start)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn submit(
+        &self,
+        dir: Direction,
+        buf: &IoBuffer<'_>,
+        ranges: &[IoRange],
+    ) -> Result<(), DeviceError> {
+        for r in ranges {
+            check_device_range(self.size, r)?;
+            let ptr = buf.range_ptr(dir, r)?;
+            if r.len == 0 {
+                continue;
+            }
+            let aligned = (ptr as usize) % ALIGN == 0
+                && r.dev_offset % ALIGN as u64 == 0
+                && r.len % ALIGN == 0;
+            if !self.direct || aligned {
+                self.raw_io(dir, ptr, r.len, r.dev_offset)?;
+            } else {
+                self.bounced(dir, ptr, r.len, r.dev_offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} ({} I/O)",
+            self.path.display(),
+            if self.direct { "O_DIRECT" } else { "buffered" }
+        )
+    }
+}
+
+/// Takes an exclusive (read-write) or shared (read-only) flock, waiting up
+/// to `mode.lock_wait` for a previous daemon to finish with the device.
+fn lock(file: &File, path: &Path, mode: OpenMode) -> Result<(), DeviceError> {
+    let op = if mode.read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    let deadline = Instant::now() + mode.lock_wait;
+    let mut warned = false;
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e.into());
+        }
+        if Instant::now() >= deadline {
+            return Err(DeviceError::Busy(format!(
+                "{} is in use by another dmabuf-fs process (mounted?)",
+                path.display()
+            )));
+        }
+        if !warned {
+            warn!("{}: waiting for another user to release it", path.display());
+            warned = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Heap memory aligned for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> Self {
+        let layout = Layout::from_size_align(len.max(ALIGN), ALIGN).expect("layout");
+        // SAFETY: layout has nonzero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Self { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(ALIGN), ALIGN).expect("layout");
+        // SAFETY: allocated in new() with this layout.
+        unsafe { dealloc(self.ptr, layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unaligned_transfers_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let dev = FileDevice::open(&path, OpenMode::default()).unwrap();
+        let data: Vec<u8> = (0..10000u32).map(|i| (i * 7) as u8).collect();
+        dev.write_at(4096 * 3 + 5, &data[1..]).unwrap();
+        let mut back = vec![0u8; data.len() - 1];
+        dev.read_at(4096 * 3 + 5, &mut back).unwrap();
+        assert_eq!(back, &data[1..]);
+        // Neighbouring bytes were preserved by the read-modify-write.
+        let mut edge = [1u8; 5];
+        dev.read_at(4096 * 3, &mut edge).unwrap();
+        assert_eq!(edge, [0; 5]);
+        assert!(matches!(
+            dev.read_at((1 << 20) - 10, &mut [0u8; 20]),
+            Err(DeviceError::OutsideDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let _first = FileDevice::open(&path, OpenMode::default()).unwrap();
+        let second = FileDevice::open(
+            &path,
+            OpenMode {
+                lock_wait: Duration::from_millis(50),
+                ..OpenMode::default()
+            },
+        );
+        assert!(matches!(second, Err(DeviceError::Busy(_))));
+    }
+}

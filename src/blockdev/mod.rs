@@ -1,0 +1,181 @@
+//! Block device backends: where bytes finally go.
+//!
+//! Everything above talks to a device through [`BlockDevice::submit`]: a
+//! direction, one buffer and a list of (device offset, buffer offset,
+//! length) ranges, the shape of the kernel series' dmabuf iterator ranges.
+//! [`file::FileDevice`] serves image files and block devices (O_DIRECT
+//! where the device allows it); [`mem::MemDevice`] keeps everything in
+//! memory and can simulate a crash, for tests.
+
+pub mod file;
+pub mod mem;
+
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use thiserror::Error;
+
+pub use file::{FileDevice, OpenMode};
+pub use mem::MemDevice;
+
+/// Which way data moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Device to buffer.
+    Read,
+    /// Buffer to device.
+    Write,
+}
+
+/// One contiguous piece of a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoRange {
+    pub dev_offset: u64,
+    pub buf_offset: usize,
+    pub len: usize,
+}
+
+/// A borrowed span of memory a transfer reads from or writes into: a
+/// slice the daemon owns, or (for tokens) a mapping of a caller's buffer.
+pub struct IoBuffer<'a> {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    _borrow: PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: an IoBuffer is only a (pointer, length) view of memory that the
+// creator guarantees stays valid for 'a; backends access disjoint ranges.
+unsafe impl Send for IoBuffer<'_> {}
+// SAFETY: as above; shared use only reads the pointer value.
+unsafe impl Sync for IoBuffer<'_> {}
+
+impl<'a> IoBuffer<'a> {
+    /// A buffer data can be read into (and written from).
+    pub fn from_mut(buf: &'a mut [u8]) -> Self {
+        Self {
+            ptr: NonNull::new(buf.as_mut_ptr()).unwrap_or(NonNull::dangling()),
+            len: buf.len(),
+            writable: true,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A buffer that can only be the source of a write.
+    pub fn from_ref(buf: &'a [u8]) -> Self {
+        Self {
+            ptr: NonNull::new(buf.as_ptr() as *mut u8).unwrap_or(NonNull::dangling()),
+            len: buf.len(),
+            writable: false,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// # Safety
+    /// `ptr..ptr+len` must stay mapped for 'a, and be writable if
+    /// `writable` is true.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, writable: bool) -> Self {
+        Self {
+            ptr,
+            len,
+            writable,
+            _borrow: PhantomData,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks that `r` lies inside this buffer and that the buffer may be
+    /// written when data is read into it; returns the range's address.
+    fn range_ptr(&self, dir: Direction, r: &IoRange) -> Result<*mut u8, DeviceError> {
+        if dir == Direction::Read && !self.writable {
+            return Err(DeviceError::ReadOnlyBuffer);
+        }
+        let end = r.buf_offset.checked_add(r.len);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(DeviceError::OutsideBuffer);
+        }
+        // SAFETY: buf_offset + len <= self.len, checked above.
+        Ok(unsafe { self.ptr.as_ptr().add(r.buf_offset) })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("range {offset}+{len} lies outside the device ({size} bytes)")]
+    OutsideDevice { offset: u64, len: u64, size: u64 },
+    #[error("range lies outside the buffer")]
+    OutsideBuffer,
+    #[error("buffer is read-only")]
+    ReadOnlyBuffer,
+    #[error("device is busy: {0}")]
+    Busy(String),
+}
+
+/// A device that stores bytes at offsets. Implementations must be safe to
+/// call from many threads at once.
+pub trait BlockDevice: Send + Sync {
+    /// Usable size in bytes.
+    fn size(&self) -> u64;
+
+    /// Moves data between `buf` and the device for every range. All
+    /// ranges complete (or the call fails) before it returns.
+    fn submit(
+        &self,
+        dir: Direction,
+        buf: &IoBuffer<'_>,
+        ranges: &[IoRange],
+    ) -> Result<(), DeviceError>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), DeviceError>;
+
+    /// Human-readable description for logs and INFO.
+    fn describe(&self) -> String;
+
+    fn read_at(&self, dev_offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let len = buf.len();
+        self.submit(
+            Direction::Read,
+            &IoBuffer::from_mut(buf),
+            &[IoRange {
+                dev_offset,
+                buf_offset: 0,
+                len,
+            }],
+        )
+    }
+
+    fn write_at(&self, dev_offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+        self.submit(
+            Direction::Write,
+            &IoBuffer::from_ref(buf),
+            &[IoRange {
+                dev_offset,
+                buf_offset: 0,
+                len: buf.len(),
+            }],
+        )
+    }
+}
+
+/// Rejects ranges that run past the end of a device of `size` bytes.
+fn check_device_range(size: u64, r: &IoRange) -> Result<(), DeviceError> {
+    let len = r.len as u64;
+    if r.dev_offset.checked_add(len).is_none_or(|e| e > size) {
+        return Err(DeviceError::OutsideDevice {
+            offset: r.dev_offset,
+            len,
+            size,
+        });
+    }
+    Ok(())
+}

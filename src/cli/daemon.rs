@@ -1,0 +1,250 @@
+//! `dmabuf-fs mount`: the daemon that serves a mount, started in the
+//! background so the command returns only once the mount is live.
+//!
+//! The parent re-executes itself with `--ready-fd`, a pipe the daemon
+//! writes "ok" (or its error) to once the FUSE handshake is done.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{error, info};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{SigSet, Signal};
+
+use super::options::MountOpts;
+use crate::blockdev::{FileDevice, OpenMode};
+use crate::fs::{Fs, MountOptions};
+use crate::fuse::{self, MountConfig};
+
+const READY: &[u8] = b"ok";
+
+/// Starts the daemon and waits for it to report the mount live or fail.
+pub fn spawn_background(target: &Path, mountpoint: &Path, options: &str) -> i32 {
+    let (read_end, write_end) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("dmabuf-fs: pipe: {e}");
+            return 1;
+        }
+    };
+    // Only the write end crosses exec.
+    if let Err(e) = fcntl(&write_end, FcntlArg::F_SETFD(FdFlag::empty())) {
+        eprintln!("dmabuf-fs: fcntl: {e}");
+        return 1;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("dmabuf-fs: cannot find own executable: {e}");
+            return 1;
+        }
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg(target).arg(mountpoint);
+    if !options.is_empty() {
+        cmd.arg("-o").arg(options);
+    }
+    cmd.arg("--ready-fd")
+        .arg(write_end.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dmabuf-fs: cannot start the daemon: {e}");
+            return 1;
+        }
+    };
+    drop(write_end);
+    let mut msg = Vec::new();
+    let _ = File::from(read_end).read_to_end(&mut msg);
+    if msg == READY {
+        return 0;
+    }
+    let status = child.wait();
+    if msg.is_empty() {
+        eprintln!("dmabuf-fs: the daemon exited before the mount was live ({status:?})");
+    } else {
+        eprintln!("dmabuf-fs: {}", String::from_utf8_lossy(&msg));
+    }
+    1
+}
+
+/// Serves the mount in this process until it is unmounted.
+pub fn run_foreground(
+    target: &Path,
+    mountpoint: &Path,
+    opts: &MountOpts,
+    ready_fd: Option<i32>,
+) -> i32 {
+    // SAFETY: the fd number was passed by our parent for exactly this use
+    // and nothing else in this process owns it.
+    let mut ready = ready_fd.map(|fd| unsafe { File::from_raw_fd(fd) });
+    if ready.is_some() {
+        // Outlive the shell that started us.
+        let _ = nix::unistd::setsid();
+    }
+    if let Some(path) = &opts.log {
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // Logs go to the file; env_logger writes to stderr.
+            let _ = nix::unistd::dup2_stderr(f);
+        }
+    }
+    super::init_logging(Some("info,fuser=error"));
+    let mut notify = |msg: &[u8]| {
+        if let Some(mut f) = ready.take() {
+            let _ = f.write_all(msg);
+        }
+    };
+    match serve(target, mountpoint, opts, &mut notify) {
+        Ok(()) => 0,
+        Err(e) => {
+            error!("{e}");
+            if ready_fd.is_some() {
+                notify(e.as_bytes());
+            } else {
+                eprintln!("dmabuf-fs: {e}");
+            }
+            1
+        }
+    }
+}
+
+fn serve(
+    target: &Path,
+    mountpoint: &Path,
+    opts: &MountOpts,
+    notify: &mut dyn FnMut(&[u8]),
+) -> Result<(), String> {
+    // Termination signals unmount cleanly instead of killing the daemon;
+    // blocked here so every thread started below inherits the mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| format!("sigprocmask: {e}"))?;
+
+    let source = target
+        .canonicalize()
+        .map_err(|e| format!("cannot open {}: {e}", target.display()))?;
+    if !mountpoint.is_dir() {
+        return Err(format!(
+            "mount point {} is not a directory",
+            mountpoint.display()
+        ));
+    }
+    let dev = FileDevice::open(
+        &source,
+        OpenMode {
+            read_only: opts.read_only,
+            ..OpenMode::default()
+        },
+    )
+    .map_err(|e| format!("cannot open {}: {e}", source.display()))?;
+    let fs = Fs::mount(
+        Arc::new(dev),
+        MountOptions {
+            read_only: opts.read_only,
+            commit_interval: opts.commit,
+            noatime: opts.noatime,
+        },
+    )
+    .map_err(|e| format!("cannot mount {}: {e}", source.display()))?;
+    let cfg = MountConfig {
+        fsname: source.display().to_string(),
+        read_only: opts.read_only,
+        // As root this is a system mount: every user may use it, and the
+        // kernel enforces permissions (default_permissions).
+        allow_other: opts.allow_other.unwrap_or(nix::unistd::geteuid().is_root()),
+        threads: opts.threads,
+        flags: opts.flags.clone(),
+    };
+    let session = match fuse::mount(fs.clone(), mountpoint, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fs.unmount();
+            return Err(format!("cannot mount on {}: {e}", mountpoint.display()));
+        }
+    };
+    info!(
+        "{} mounted on {} ({} threads)",
+        source.display(),
+        mountpoint.display(),
+        cfg.threads
+    );
+    notify(READY);
+
+    let mp = mountpoint.to_path_buf();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                info!("{sig}: unmounting {}", mp.display());
+                if let Err(e) = umount2(&mp, MntFlags::MNT_DETACH) {
+                    error!("unmount of {} failed: {e}", mp.display());
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+
+    let served = session.run();
+    let closed = fs.unmount();
+    if let Err(e) = &served {
+        error!("FUSE session ended with an error: {e}");
+    }
+    closed.map_err(|e| format!("final commit failed: {e}"))?;
+    // Give the committer and logs a moment to drain before exit.
+    std::thread::sleep(Duration::from_millis(1));
+    Ok(())
+}
+
+/// `-o remount,...`: change the flags of the live mount; no new daemon.
+pub fn remount(mountpoint: &Path, opts: &MountOpts) -> Result<(), String> {
+    let mp = mountpoint
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
+    let ours = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let _src = f.next();
+        let dir = f.next().unwrap_or("").replace("\\040", " ");
+        let ty = f.next().unwrap_or("");
+        Path::new(&dir) == mp && ty == "fuse.dmabuf-fs"
+    });
+    if !ours {
+        return Err(format!(
+            "{} is not a mounted dmabuf-fs: nothing to remount",
+            mp.display()
+        ));
+    }
+    let mut flags = MsFlags::MS_REMOUNT;
+    if opts.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    for f in &opts.flags {
+        flags |= match f {
+            fuser::MountOption::NoSuid => MsFlags::MS_NOSUID,
+            fuser::MountOption::NoDev => MsFlags::MS_NODEV,
+            fuser::MountOption::NoExec => MsFlags::MS_NOEXEC,
+            fuser::MountOption::NoAtime => MsFlags::MS_NOATIME,
+            fuser::MountOption::Sync => MsFlags::MS_SYNCHRONOUS,
+            fuser::MountOption::DirSync => MsFlags::MS_DIRSYNC,
+            _ => MsFlags::empty(),
+        };
+    }
+    mount(None::<&str>, &mp, None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("remount of {} failed: {e}", mp.display()))
+}

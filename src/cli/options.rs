@@ -1,0 +1,164 @@
+//! Parsing of sizes and of `-o` mount option strings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fuser::MountOption;
+
+/// Parses "4096", "256M", "4G", "1GiB" into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let digits_end = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (num, unit) = lower.split_at(digits_end);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number like 4096, 256M or 4G"))?;
+    let shift = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("invalid size unit in {s:?}: use K, M, G or T")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Everything `-o` can say.
+#[derive(Debug, Clone)]
+pub struct MountOpts {
+    pub read_only: bool,
+    pub allow_other: Option<bool>,
+    pub threads: usize,
+    pub commit: Duration,
+    pub noatime: bool,
+    pub remount: bool,
+    pub log: Option<PathBuf>,
+    /// Kernel flags passed through (nosuid, nodev, noexec, ...).
+    pub flags: Vec<MountOption>,
+}
+
+impl Default for MountOpts {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            allow_other: None,
+            threads: 4,
+            commit: Duration::from_secs(5),
+            noatime: false,
+            remount: false,
+            log: None,
+            flags: Vec::new(),
+        }
+    }
+}
+
+/// Options mount(8) and fstab pass that mean nothing to this filesystem.
+const IGNORED: &[&str] = &[
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "_netdev",
+    "nofail",
+    "atime",
+    "relatime",
+    "strictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+    "nodiratime",
+    "async",
+    "dev",
+    "suid",
+    "exec",
+    "default_permissions",
+    "loop",
+];
+
+impl MountOpts {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut o = Self::default();
+        for opt in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            let num = |v: Option<&str>| -> Result<u64, String> {
+                v.and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("option {opt:?} needs a number"))
+            };
+            match key {
+                "ro" => o.read_only = true,
+                "rw" => o.read_only = false,
+                "allow_other" | "allow_root" => o.allow_other = Some(true),
+                "threads" => {
+                    o.threads = num(value)? as usize;
+                    if o.threads == 0 || o.threads > 256 {
+                        return Err("threads must be 1 to 256".into());
+                    }
+                }
+                "commit" => {
+                    let secs = num(value)?;
+                    if secs == 0 {
+                        return Err("commit must be at least 1 second".into());
+                    }
+                    o.commit = Duration::from_secs(secs);
+                }
+                "noatime" => {
+                    o.noatime = true;
+                    o.flags.push(MountOption::NoAtime);
+                }
+                "nosuid" => o.flags.push(MountOption::NoSuid),
+                "nodev" => o.flags.push(MountOption::NoDev),
+                "noexec" => o.flags.push(MountOption::NoExec),
+                "sync" => o.flags.push(MountOption::Sync),
+                "dirsync" => o.flags.push(MountOption::DirSync),
+                "remount" => o.remount = true,
+                "log" => o.log = value.map(PathBuf::from),
+                // Set by this program itself; mount(8) may echo them back.
+                "fsname" | "subtype" => {}
+                k if IGNORED.contains(&k) || k.starts_with("x-") || k == "comment" => {}
+                _ => return Err(format!("unknown mount option {opt:?}")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2k").unwrap(), 2048);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn options() {
+        let o = MountOpts::parse("rw,nosuid,nodev,relatime,threads=8,commit=2,x-systemd.automount")
+            .unwrap();
+        assert!(!o.read_only);
+        assert_eq!(o.threads, 8);
+        assert_eq!(o.commit, Duration::from_secs(2));
+        assert_eq!(o.flags, vec![MountOption::NoSuid, MountOption::NoDev]);
+        assert!(MountOpts::parse("ro,remount").unwrap().remount);
+        assert!(MountOpts::parse("threads=0").is_err());
+        assert!(MountOpts::parse("bogus").is_err());
+    }
+}

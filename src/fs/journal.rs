@@ -1,0 +1,223 @@
+//! Durability: checkpoints and the metadata log on the device.
+//!
+//! Live changes are applied to [`Meta`] and their records queued here;
+//! a commit writes the queue to the log region and flushes. When the log
+//! is full, a checkpoint writes a whole snapshot to free data blocks and
+//! points the older header slot at it, which empties the log.
+
+use crate::blockdev::BlockDevice;
+use crate::format::{
+    encode_log_record, parse_log, salted_crc, CheckpointHeader, Decoder, Encoder, Record,
+    Superblock, BLOCK_SIZE, CHECKPOINT_HEADER_BLOCKS, LOG_START_BLOCK,
+};
+
+use super::error::{FsError, Result};
+use super::meta::Meta;
+
+/// Records applied in memory but not yet on the device, and where the log
+/// stands.
+pub struct Journal {
+    pub salt: u32,
+    pub log_blocks: u64,
+    /// Sequence number of the current checkpoint = epoch of the log.
+    pub epoch: u64,
+    /// Bytes of the log region in use (always a whole number of blocks).
+    pub log_used: u64,
+    /// Next on-disk sequence number within the epoch.
+    pub disk_lsn: u64,
+    /// (global lsn, encoded record) not yet written.
+    pub queued: Vec<(u64, Vec<u8>)>,
+    pub next_lsn: u64,
+    /// The current checkpoint (its blocks are in use).
+    pub checkpoint: CheckpointHeader,
+}
+
+impl Journal {
+    pub fn new(sb: &Superblock, checkpoint: CheckpointHeader) -> Self {
+        Self {
+            salt: sb.salt(),
+            log_blocks: sb.log_blocks,
+            epoch: checkpoint.seq,
+            log_used: 0,
+            disk_lsn: 0,
+            queued: Vec::new(),
+            next_lsn: 1,
+            checkpoint,
+        }
+    }
+
+    /// Queues a record; returns its global lsn.
+    pub fn push(&mut self, rec: &Record) -> u64 {
+        let lsn = self.next_lsn;
+        self.next_lsn += 1;
+        self.queued.push((lsn, rec.to_bytes()));
+        lsn
+    }
+
+    /// Frames queued records for the log, padded to whole blocks, or None
+    /// if they do not fit in what is left of the log region.
+    pub fn frame(&self, records: &[(u64, Vec<u8>)]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for (i, (_, payload)) in records.iter().enumerate() {
+            encode_log_record(
+                &mut out,
+                self.salt,
+                self.epoch,
+                self.disk_lsn + i as u64,
+                payload,
+            );
+        }
+        let padded = (out.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        out.resize(padded as usize, 0);
+        (self.log_used + padded <= self.log_blocks * BLOCK_SIZE).then_some(out)
+    }
+}
+
+/// Serialises a snapshot: record count, then each record length-prefixed.
+pub fn encode_snapshot(records: &[Record]) -> Vec<u8> {
+    let mut e = Encoder::with_capacity(records.len() * 64);
+    e.u64(records.len() as u64);
+    for r in records {
+        e.bytes(&r.to_bytes());
+    }
+    e.into_bytes()
+}
+
+/// Writes a snapshot into `extents` and the header into slot `seq % 2`,
+/// flushing before and after the header so it never points at bytes that
+/// are not on the device.
+pub fn write_checkpoint(
+    dev: &dyn BlockDevice,
+    salt: u32,
+    seq: u64,
+    blob: &[u8],
+    record_count: u64,
+    extents: Vec<(u64, u64)>,
+) -> Result<CheckpointHeader> {
+    let mut padded = blob.to_vec();
+    padded.resize(
+        (blob.len() as u64).div_ceil(BLOCK_SIZE) as usize * BLOCK_SIZE as usize,
+        0,
+    );
+    let mut off = 0usize;
+    for &(start, len) in &extents {
+        let bytes = (len * BLOCK_SIZE) as usize;
+        let end = (off + bytes).min(padded.len());
+        if off < end {
+            dev.write_at(start * BLOCK_SIZE, &padded[off..end])?;
+        }
+        off = end;
+    }
+    dev.flush()?;
+    let header = CheckpointHeader {
+        seq,
+        blob_len: blob.len() as u64,
+        blob_crc: salted_crc(salt, blob),
+        record_count,
+        extents,
+    };
+    let slot = CHECKPOINT_HEADER_BLOCKS[(seq % 2) as usize];
+    dev.write_at(slot * BLOCK_SIZE, &header.encode())?;
+    dev.flush()?;
+    Ok(header)
+}
+
+/// What mount found on the device.
+pub struct Loaded {
+    pub meta: Meta,
+    pub checkpoint: CheckpointHeader,
+    /// Log records replayed on top of the checkpoint.
+    pub replayed: usize,
+    /// Why other checkpoint slots were not used (for fsck and logs).
+    pub skipped: Vec<String>,
+}
+
+/// Loads the newest valid checkpoint and replays its log.
+pub fn load(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Loaded> {
+    let salt = sb.salt();
+    let mut headers = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, &blk) in CHECKPOINT_HEADER_BLOCKS.iter().enumerate() {
+        let mut b = vec![0u8; BLOCK_SIZE as usize];
+        dev.read_at(blk * BLOCK_SIZE, &mut b)?;
+        match CheckpointHeader::decode(&b) {
+            Ok(h) => headers.push(h),
+            Err(e) => skipped.push(format!("checkpoint slot {}: {e}", i)),
+        }
+    }
+    headers.sort_by_key(|h| std::cmp::Reverse(h.seq));
+    for h in headers {
+        match load_snapshot(dev, sb, salt, &h) {
+            Ok(mut meta) => {
+                let replayed = replay_log(dev, sb, salt, h.seq, &mut meta)?;
+                return Ok(Loaded {
+                    meta,
+                    checkpoint: h,
+                    replayed,
+                    skipped,
+                });
+            }
+            Err(e) => skipped.push(format!("checkpoint {}: {e}", h.seq)),
+        }
+    }
+    Err(FsError::Corrupt(format!(
+        "no valid checkpoint ({})",
+        skipped.join("; ")
+    )))
+}
+
+fn load_snapshot(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+    salt: u32,
+    h: &CheckpointHeader,
+) -> Result<Meta> {
+    let mut blob = Vec::with_capacity(h.blob_len as usize);
+    for &(start, len) in &h.extents {
+        if start < sb.data_start() || start.saturating_add(len) > sb.data_end() {
+            return Err(FsError::Corrupt(format!(
+                "snapshot extent {start}+{len} lies outside the data area"
+            )));
+        }
+        let want = (h.blob_len as usize - blob.len()).min((len * BLOCK_SIZE) as usize);
+        if want == 0 {
+            break;
+        }
+        let mut chunk = vec![0u8; want.div_ceil(BLOCK_SIZE as usize) * BLOCK_SIZE as usize];
+        dev.read_at(start * BLOCK_SIZE, &mut chunk)?;
+        blob.extend_from_slice(&chunk[..want]);
+    }
+    if blob.len() as u64 != h.blob_len || salted_crc(salt, &blob) != h.blob_crc {
+        return Err(FsError::Corrupt("snapshot checksum mismatch".into()));
+    }
+    let mut d = Decoder::new(&blob, "checkpoint snapshot");
+    let n = d.count(4)?;
+    if n as u64 != h.record_count {
+        return Err(FsError::Corrupt("snapshot record count mismatch".into()));
+    }
+    let mut meta = Meta::default();
+    for _ in 0..n {
+        let rec = Record::from_bytes(d.bytes()?)?;
+        meta.apply(&rec)
+            .map_err(|e| FsError::Corrupt(format!("snapshot: {e}")))?;
+    }
+    Ok(meta)
+}
+
+fn replay_log(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+    salt: u32,
+    epoch: u64,
+    meta: &mut Meta,
+) -> Result<usize> {
+    let mut region = vec![0u8; (sb.log_blocks * BLOCK_SIZE) as usize];
+    dev.read_at(LOG_START_BLOCK * BLOCK_SIZE, &mut region)?;
+    let payloads = parse_log(&region, salt, epoch);
+    for p in &payloads {
+        let rec = Record::from_bytes(p)?;
+        meta.apply(&rec)
+            .map_err(|e| FsError::Corrupt(format!("log replay: {e}")))?;
+    }
+    Ok(payloads.len())
+}
