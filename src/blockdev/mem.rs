@@ -6,8 +6,14 @@ use parking_lot::Mutex;
 
 use super::{check_device_range, BlockDevice, DeviceError, Direction, IoBuffer, IoRange};
 
+/// Called at each flush, before it takes effect, with the durable image
+/// and the writes the flush is about to make durable: a test's view of
+/// the widest crash window.
+pub type FlushHook = Box<dyn FnMut(&[u8], &[(u64, Vec<u8>)]) + Send>;
+
 pub struct MemDevice {
     state: Mutex<MemState>,
+    flush_hook: Mutex<Option<FlushHook>>,
 }
 
 struct MemState {
@@ -33,7 +39,13 @@ impl MemDevice {
                 unflushed: Vec::new(),
                 flushes: 0,
             }),
+            flush_hook: Mutex::new(None),
         }
+    }
+
+    /// Installs (or with None removes) the hook run at every flush.
+    pub fn set_flush_hook(&self, hook: Option<FlushHook>) {
+        *self.flush_hook.lock() = hook;
     }
 
     /// The device as a power cut now would leave it: flushed writes, plus
@@ -99,6 +111,9 @@ impl BlockDevice for MemDevice {
 
     fn flush(&self) -> Result<(), DeviceError> {
         let mut s = self.state.lock();
+        if let Some(hook) = self.flush_hook.lock().as_mut() {
+            hook(&s.durable, &s.unflushed);
+        }
         let writes = std::mem::take(&mut s.unflushed);
         for (off, data) in writes {
             s.durable[off as usize..off as usize + data.len()].copy_from_slice(&data);

@@ -16,6 +16,7 @@ use log::{error, info};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::statvfs::{statvfs, FsFlags};
 
 use super::options::MountOpts;
 use crate::blockdev::{FileDevice, OpenMode};
@@ -230,7 +231,20 @@ pub fn remount(mountpoint: &Path, opts: &MountOpts) -> Result<(), String> {
             mp.display()
         ));
     }
+    // MS_REMOUNT replaces the per-mount flags: keep the ones in force.
     let mut flags = MsFlags::MS_REMOUNT;
+    let current = statvfs(&mp).map_err(|e| format!("{}: {e}", mp.display()))?;
+    for (have, keep) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.flags().contains(have) {
+            flags |= keep;
+        }
+    }
     if opts.read_only {
         flags |= MsFlags::MS_RDONLY;
     }
