@@ -184,7 +184,8 @@ impl BlockDevice for FileDevice {
             if r.len == 0 {
                 continue;
             }
-            let aligned = (ptr as usize) % ALIGN == 0
+            let aligned = buf.is_dma_safe()
+                && (ptr as usize) % ALIGN == 0
                 && r.dev_offset % ALIGN as u64 == 0
                 && r.len % ALIGN == 0;
             if !self.direct || aligned {

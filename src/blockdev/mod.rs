@@ -41,6 +41,9 @@ pub struct IoBuffer<'a> {
     ptr: NonNull<u8>,
     len: usize,
     writable: bool,
+    /// Ordinary pages O_DIRECT can target; false for dmabuf mappings
+    /// (VM_PFNMAP), which backends must bounce.
+    dma_safe: bool,
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
@@ -57,6 +60,7 @@ impl<'a> IoBuffer<'a> {
             ptr: NonNull::new(buf.as_mut_ptr()).unwrap_or(NonNull::dangling()),
             len: buf.len(),
             writable: true,
+            dma_safe: true,
             _borrow: PhantomData,
         }
     }
@@ -67,6 +71,7 @@ impl<'a> IoBuffer<'a> {
             ptr: NonNull::new(buf.as_ptr() as *mut u8).unwrap_or(NonNull::dangling()),
             len: buf.len(),
             writable: false,
+            dma_safe: true,
             _borrow: PhantomData,
         }
     }
@@ -74,13 +79,63 @@ impl<'a> IoBuffer<'a> {
     /// # Safety
     /// `ptr..ptr+len` must stay mapped for 'a, and be writable if
     /// `writable` is true.
-    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, writable: bool) -> Self {
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, writable: bool, dma_safe: bool) -> Self {
         Self {
             ptr,
             len,
             writable,
+            dma_safe,
             _borrow: PhantomData,
         }
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn is_dma_safe(&self) -> bool {
+        self.dma_safe
+    }
+
+    /// The view of `len` bytes at `offset`, or None if it does not fit.
+    pub fn slice(&self, offset: usize, len: usize) -> Option<IoBuffer<'_>> {
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        Some(IoBuffer {
+            // SAFETY: offset + len <= self.len.
+            ptr: unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) },
+            len,
+            writable: self.writable,
+            dma_safe: self.dma_safe,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// Copies `dst.len()` bytes at `offset` out of the buffer.
+    pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
+        let r = IoRange {
+            dev_offset: 0,
+            buf_offset: offset,
+            len: dst.len(),
+        };
+        let p = self.range_ptr(Direction::Write, &r)?;
+        // SAFETY: p is valid for dst.len() bytes (range_ptr); dst is ours.
+        unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes at `offset` (holes read into the buffer).
+    pub fn zero(&self, offset: usize, len: usize) -> Result<(), DeviceError> {
+        let r = IoRange {
+            dev_offset: 0,
+            buf_offset: offset,
+            len,
+        };
+        let p = self.range_ptr(Direction::Read, &r)?;
+        // SAFETY: p is valid and writable for len bytes (range_ptr).
+        unsafe { std::ptr::write_bytes(p, 0, len) };
+        Ok(())
     }
 
     pub fn len(&self) -> usize {

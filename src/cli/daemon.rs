@@ -22,6 +22,7 @@ use super::options::MountOpts;
 use crate::blockdev::{FileDevice, OpenMode};
 use crate::fs::{Fs, MountOptions};
 use crate::fuse::{self, MountConfig};
+use crate::tokens;
 
 const READY: &[u8] = b"ok";
 
@@ -155,6 +156,7 @@ fn serve(
         },
     )
     .map_err(|e| format!("cannot open {}: {e}", source.display()))?;
+    let dev_direct = dev.is_direct();
     let fs = Fs::mount(
         Arc::new(dev),
         MountOptions {
@@ -173,7 +175,9 @@ fn serve(
         threads: opts.threads,
         flags: opts.flags.clone(),
     };
-    let session = match fuse::mount(fs.clone(), mountpoint, &cfg) {
+    let direct = dev_direct;
+    let tokens = Arc::new(tokens::Registry::new(tokens::probe(direct)));
+    let session = match fuse::mount(fs.clone(), tokens, mountpoint, &cfg) {
         Ok(s) => s,
         Err(e) => {
             let _ = fs.unmount();

@@ -2,6 +2,7 @@
 
 mod daemon;
 mod options;
+mod token;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,6 +55,27 @@ enum Cmd {
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
     },
+    /// Show what the token API of the mount holding PATH offers.
+    Info { path: PathBuf },
+    /// Show token counters of the file PATH.
+    Stats { path: PathBuf },
+    /// Copy FILE into a sealed memfd with token READs (default), or a local
+    /// file into FILE with token WRITEs (--from-memfd SRC), and verify.
+    TokenCopy {
+        file: PathBuf,
+        /// File -> memfd through token READ (the default).
+        #[arg(long, conflicts_with = "from_memfd")]
+        to_memfd: bool,
+        /// SRC -> memfd -> FILE through token WRITE.
+        #[arg(long, value_name = "SRC")]
+        from_memfd: Option<PathBuf>,
+        /// Compare the result with ordinary read() of the file.
+        #[arg(long)]
+        verify: bool,
+        /// Bytes per ioctl.
+        #[arg(long, value_parser = parse_size, default_value = "8M")]
+        chunk: u64,
+    },
     /// Check TARGET; exit 0 clean, 1 repaired, 4 errors left, 8 could not check.
     Fsck {
         target: PathBuf,
@@ -95,6 +117,15 @@ pub fn main() -> i32 {
                 daemon::spawn_background(&target, &mountpoint, &options.join(","))
             }
         }
+        Cmd::Info { path } => report(token::info(&path)),
+        Cmd::Stats { path } => report(token::stats(&path)),
+        Cmd::TokenCopy {
+            file,
+            to_memfd: _,
+            from_memfd,
+            verify,
+            chunk,
+        } => report(token::copy(&file, from_memfd.as_deref(), chunk, verify)),
         Cmd::Fsck { target, repair } => {
             init_logging(None);
             fsck(&target, repair)

@@ -1281,8 +1281,9 @@ impl Fs {
 
     // ----- data -----------------------------------------------------------
 
-    /// Reads up to `buf.len()` bytes at `offset`; short only at EOF.
-    pub fn read_into(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    /// Reads up to `buf.len()` bytes at `offset` into `buf`; short only at
+    /// EOF. Holes and unwritten extents read as zeros.
+    pub fn read_buf(&self, ino: u64, offset: u64, buf: &IoBuffer<'_>) -> Result<usize> {
         let io = self.io_lock(ino)?;
         let _io = io.read();
         let (n, ranges, touch) = {
@@ -1314,7 +1315,7 @@ impl Fs {
                         buf_offset: (s - offset) as usize,
                         len: (e - s) as usize,
                     }),
-                    _ => buf[(s - offset) as usize..(e - offset) as usize].fill(0),
+                    _ => buf.zero((s - offset) as usize, (e - s) as usize)?,
                 }
             }
             let a = &i.attrs;
@@ -1325,8 +1326,7 @@ impl Fs {
                     || Timespec::now().sec - a.atime.sec > 24 * 3600);
             (n as usize, ranges, touch)
         };
-        self.dev
-            .submit(Direction::Read, &IoBuffer::from_mut(&mut buf[..n]), &ranges)?;
+        self.dev.submit(Direction::Read, buf, &ranges)?;
         if touch && self.writable().is_ok() {
             let mut st = self.state.write();
             if let Some(i) = st.meta.get(ino) {
@@ -1340,13 +1340,18 @@ impl Fs {
 
     pub fn read(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; size];
-        let n = self.read_into(ino, offset, &mut buf)?;
+        let n = self.read_buf(ino, offset, &IoBuffer::from_mut(&mut buf))?;
         buf.truncate(n);
         Ok(buf)
     }
 
     /// Writes `data` at `offset`, allocating blocks as needed.
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        self.write_buf(ino, offset, &IoBuffer::from_ref(data))
+    }
+
+    /// Writes all of `data` at `offset`, allocating blocks as needed.
+    pub fn write_buf(&self, ino: u64, offset: u64, data: &IoBuffer<'_>) -> Result<usize> {
         self.writable()?;
         if data.is_empty() {
             return Ok(0);
@@ -1458,7 +1463,7 @@ impl Fs {
     fn write_planned(
         &self,
         offset: u64,
-        data: &[u8],
+        data: &IoBuffer<'_>,
         plan: &[(u64, u64, u64, bool)],
     ) -> Result<()> {
         let end = offset + data.len() as u64;
@@ -1486,30 +1491,32 @@ impl Fs {
                     len: (last_full - first_full) as usize,
                 });
             }
-            let mut partial = |from: u64, to: u64| {
+            let mut partial = |from: u64, to: u64| -> Result<()> {
                 if from >= to {
-                    return;
+                    return Ok(());
                 }
                 let blk = from / BS * BS;
                 let mut b = vec![0u8; BS as usize];
-                b[(from - blk) as usize..(to - blk) as usize]
-                    .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                data.copy_out(
+                    (from - offset) as usize,
+                    &mut b[(from - blk) as usize..(to - blk) as usize],
+                )?;
                 edges.push((dev * BS + (blk - f * BS), b));
+                Ok(())
             };
             if first_full >= last_full {
                 // Within one or two blocks with no full block between.
                 let mid = (s / BS + 1) * BS;
-                partial(s, e.min(mid));
+                partial(s, e.min(mid))?;
                 if e > mid {
-                    partial(mid, e);
+                    partial(mid, e)?;
                 }
             } else {
-                partial(s, first_full);
-                partial(last_full, e);
+                partial(s, first_full)?;
+                partial(last_full, e)?;
             }
         }
-        self.dev
-            .submit(Direction::Write, &IoBuffer::from_ref(data), &ranges)?;
+        self.dev.submit(Direction::Write, data, &ranges)?;
         for (at, block) in edges {
             self.dev.write_at(at, &block)?;
         }

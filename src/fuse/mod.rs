@@ -1,28 +1,34 @@
-//! The FUSE adapter: kernel requests in, [`Fs`] calls, replies out.
+//! The FUSE adapter: kernel requests in, [`Fs`] and token [`Registry`]
+//! calls, replies out.
 //!
 //! Deliberately thin. It converts types (fuser's to ours), picks each
-//! errno (see [`errno`]), and owns nothing but the mount session.
+//! errno (see [`errno`] and [`token_errno`]), and owns nothing but the
+//! mount session and the thread that invalidates the kernel's page cache
+//! after token writes.
 
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL,
-    TimeOrNow, WriteFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, MountOption, Notifier, OpenAccMode, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session,
+    SessionACL, TimeOrNow, WriteFlags,
 };
-use log::debug;
+use log::{debug, warn};
+use zerocopy::IntoBytes;
 
 use crate::fs::{
     Attr, Caller, FallocMode, Fs, FsError, Kind, RenameMode, SeekWhence, SetAttr, TimeSet,
     Timespec, XattrMode,
 };
+use crate::tokens::{IoRequest, Registry, TokenError};
+use crate::uapi::{self, DecodeError, Request as Ioctl};
 
 /// How long the kernel may cache attributes and names. Every change goes
 /// through this mount, so the kernel's own invalidation keeps it right.
@@ -43,9 +49,17 @@ pub struct MountConfig {
     pub flags: Vec<MountOption>,
 }
 
+/// Work that must talk to the kernel off the FUSE worker threads.
+type Deferred = Box<dyn FnOnce(&Notifier) + Send>;
+
 /// Mounts `fs` at `mountpoint`; returns once the kernel handshake is done
 /// (the mount is live). Serve it with `Session::run`.
-pub fn mount(fs: Arc<Fs>, mountpoint: &Path, cfg: &MountConfig) -> io::Result<Session<FuseFs>> {
+pub fn mount(
+    fs: Arc<Fs>,
+    tokens: Arc<Registry>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+) -> io::Result<Session<FuseFs>> {
     let mut opts = vec![
         MountOption::FSName(cfg.fsname.clone()),
         MountOption::Subtype("dmabuf-fs".into()),
@@ -70,11 +84,34 @@ pub fn mount(fs: Arc<Fs>, mountpoint: &Path, cfg: &MountConfig) -> io::Result<Se
         SessionACL::Owner
     };
     config.n_threads = Some(cfg.threads.max(1));
-    Session::new(FuseFs { fs }, mountpoint, &config)
+    let (deferred, queue) = mpsc::channel::<Deferred>();
+    let session = Session::new(
+        FuseFs {
+            fs,
+            tokens,
+            deferred,
+        },
+        mountpoint,
+        &config,
+    )?;
+    // Page-cache invalidation can wait for pages that a pending read has
+    // locked; that read needs a free worker. So invalidations (and the
+    // replies that must follow them) run on their own thread.
+    let notifier = session.notifier();
+    std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            for job in queue {
+                job(&notifier);
+            }
+        })?;
+    Ok(session)
 }
 
 pub struct FuseFs {
     fs: Arc<Fs>,
+    tokens: Arc<Registry>,
+    deferred: mpsc::Sender<Deferred>,
 }
 
 /// The errno a caller sees for each filesystem error.
@@ -102,6 +139,24 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
     };
     Errno::from_i32(code)
+}
+
+/// The errno for each token error (the kernel series' choices).
+pub fn token_errno(e: &TokenError) -> Errno {
+    Errno::from_i32(match e {
+        TokenError::Invalid(_) => libc::EINVAL,
+        TokenError::BadFile => libc::EBADF,
+        TokenError::Fault => libc::EFAULT,
+        TokenError::ReadOnlyBuffer => libc::EACCES,
+        TokenError::NotSupported => libc::EOPNOTSUPP,
+        TokenError::Permission => libc::EPERM,
+        TokenError::Fs(e) => return errno(e),
+    })
+}
+
+fn token_fail(op: &str, e: TokenError) -> Errno {
+    debug!("{op}: {e}");
+    token_errno(&e)
 }
 
 fn fail(op: &str, e: FsError) -> Errno {
@@ -213,6 +268,33 @@ fn reply_xattr(reply: ReplyXattr, r: Result<Vec<u8>, FsError>, size: u32, op: &s
         Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
         Ok(v) => reply.data(&v),
         Err(e) => reply.error(fail(op, e)),
+    }
+}
+
+impl FuseFs {
+    fn fs_ino(&self, fh: u64) -> u64 {
+        self.fs.handle(fh).map(|h| h.ino).unwrap_or(0)
+    }
+
+    /// Drops the kernel's cached pages (and attributes) of each written
+    /// (ino, offset, len), then runs `then` (the reply), off this thread.
+    fn invalidate_then(&self, ranges: &[(u64, u64, u64)], then: impl FnOnce() + Send + 'static) {
+        let ranges = ranges.to_vec();
+        let job: Deferred = Box::new(move |n: &Notifier| {
+            for (ino, off, len) in ranges {
+                if let Err(e) = n.inval_inode(INodeNo(ino), off as i64, len as i64) {
+                    // ENOENT: the kernel has nothing cached for it.
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        warn!("invalidating inode {ino}: {e}");
+                    }
+                }
+            }
+            then();
+        });
+        if let Err(mpsc::SendError(job)) = self.deferred.send(job) {
+            // The invalidation thread is gone (unmounting): reply anyway.
+            drop(job);
+        }
     }
 }
 
@@ -439,6 +521,7 @@ impl fuser::Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.tokens.release(fh.0);
         reply_empty(reply, self.fs.release(fh.0), "release");
     }
 
@@ -567,16 +650,92 @@ impl fuser::Filesystem for FuseFs {
 
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
+        cmd: u32,
+        in_data: &[u8],
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTTY));
+        let request = match uapi::decode(cmd, in_data) {
+            Ok(r) => r,
+            Err(DecodeError::UnknownCommand) => return reply.error(Errno::from_i32(libc::ENOTTY)),
+            Err(DecodeError::BadSize) => return reply.error(Errno::EINVAL),
+        };
+        let (fs, tokens, fh) = (&self.fs, &self.tokens, fh.0);
+        match request {
+            Ioctl::Register(mut r) => match tokens.register(fs, fh, req.pid(), &r) {
+                Ok(t) => {
+                    r.token = t;
+                    reply.ioctl(0, r.as_bytes());
+                }
+                Err(e) => reply.error(token_fail("REGISTER", e)),
+            },
+            Ioctl::Unregister(u) => match tokens.unregister(fh, &u) {
+                Ok(()) => reply.ioctl(0, &[]),
+                Err(e) => reply.error(token_fail("UNREGISTER", e)),
+            },
+            Ioctl::Read(mut io) | Ioctl::Write(mut io) => {
+                let write = cmd == uapi::IOC_WRITE_CMD;
+                let r = Registry::request(&io, write).and_then(|q| tokens.io(fs, fh, &q));
+                match r {
+                    Ok(n) => {
+                        io.transferred = n;
+                        let bytes = io.as_bytes().to_vec();
+                        if write && n > 0 {
+                            let range = [(self.fs_ino(fh), io.file_offset, n)];
+                            self.invalidate_then(&range, move || reply.ioctl(0, &bytes));
+                        } else {
+                            reply.ioctl(0, &bytes);
+                        }
+                    }
+                    Err(e) => reply.error(token_fail(if write { "WRITE" } else { "READ" }, e)),
+                }
+            }
+            Ioctl::Info => reply.ioctl(0, tokens.info().as_bytes()),
+            Ioctl::Stats(s) => match tokens.stats(fs, fh, &s) {
+                Ok(out) => reply.ioctl(0, out.as_bytes()),
+                Err(e) => reply.error(token_fail("STATS", e)),
+            },
+            Ioctl::Batch(mut b) => {
+                if b.flags != 0 || b.resv != 0 || b.count == 0 || b.count as usize > uapi::MAX_BATCH
+                {
+                    return reply.error(Errno::EINVAL);
+                }
+                let ino = self.fs_ino(fh);
+                let mut written = Vec::new();
+                for op in &mut b.ops[..b.count as usize] {
+                    let write = op.op == uapi::OP_WRITE;
+                    let r = if op.flags != 0 || !(op.op == uapi::OP_READ || write) {
+                        Err(TokenError::Invalid("bad op or flags"))
+                    } else if op.file_offset.checked_add(op.len).is_none() {
+                        Err(TokenError::Invalid("file_offset + len overflows"))
+                    } else {
+                        let q = IoRequest {
+                            token: op.token,
+                            file_offset: op.file_offset,
+                            buf_offset: op.buf_offset,
+                            len: op.len,
+                            write,
+                        };
+                        tokens.io(fs, fh, &q)
+                    };
+                    op.result = match r {
+                        Ok(n) => {
+                            if write && n > 0 {
+                                written.push((ino, op.file_offset, n));
+                            }
+                            n as i64
+                        }
+                        Err(e) => -(token_errno(&e).code() as i64),
+                    };
+                }
+                let bytes = b.as_bytes().to_vec();
+                self.invalidate_then(&written, move || reply.ioctl(0, &bytes));
+            }
+        }
     }
 
     fn fallocate(
