@@ -30,6 +30,10 @@ use crate::fs::{
 use crate::tokens::{IoRequest, Registry, TokenError};
 use crate::uapi::{self, DecodeError, Request as Ioctl};
 
+// Files open with FOPEN_KEEP_CACHE: every change reaches the file through
+// this mount, and token writes invalidate what they change, so the
+// kernel's page cache stays valid across opens.
+
 /// How long the kernel may cache attributes and names. Every change goes
 /// through this mount, so the kernel's own invalidation keeps it right.
 const TTL: Duration = Duration::from_secs(1);
@@ -460,7 +464,7 @@ impl fuser::Filesystem for FuseFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (r, w) = access(flags);
         match self.fs.open(ino.0, r, w) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(fail("open", e)),
         }
     }
@@ -642,7 +646,7 @@ impl fuser::Filesystem for FuseFs {
                 &file_attr(&a),
                 GENERATION,
                 FileHandle(fh),
-                FopenFlags::empty(),
+                FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Err(e) => reply.error(fail("create", e)),
         }

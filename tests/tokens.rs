@@ -1,0 +1,894 @@
+//! Token ioctls from real processes on a real mount: registration, round
+//! trips against ordinary reads, every errno of ABI v1, sharing rules,
+//! coherency with the page cache, concurrency.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use common::{assert_errno, pseudo_random, Image};
+use dmabuf_fs::client::{sealed_memfd, TokenFile};
+use dmabuf_fs::uapi::{self, BatchOp, Io, Register, Stats, Unregister};
+use zerocopy::IntoBytes;
+
+fn raw_ioctl<T: IntoBytes + zerocopy::FromBytes>(
+    f: &File,
+    cmd: u32,
+    arg: &mut T,
+) -> io::Result<()> {
+    // SAFETY: arg is a repr(C) struct of the size encoded in cmd.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            cmd as libc::c_ulong,
+            arg.as_mut_bytes().as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn write_file(p: &Path, data: &[u8]) {
+    let mut f = File::create(p).unwrap();
+    f.write_all(data).unwrap();
+}
+
+fn memfd_bytes(mut m: &File, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    m.seek(SeekFrom::Start(0)).unwrap();
+    m.read_exact(&mut v).unwrap();
+    v
+}
+
+fn fill_memfd(mut m: &File, data: &[u8]) {
+    m.seek(SeekFrom::Start(0)).unwrap();
+    m.write_all(data).unwrap();
+}
+
+#[test]
+fn read_and_write_round_trip_against_ordinary_io() {
+    let img = Image::new("256M");
+    let m = img.mount();
+    let data = pseudo_random(1, 3 << 20);
+    write_file(&m.join("f"), &data);
+
+    let f = TokenFile::open(&m.join("f"), true).unwrap();
+    let buf = sealed_memfd("t", 4 << 20).unwrap();
+    let t = f.register(&buf, 0, 0).unwrap();
+    assert_ne!(t.id(), 0);
+    assert_eq!(t.read(0, 0, 3 << 20).unwrap(), 3 << 20);
+    assert_eq!(memfd_bytes(&buf, 3 << 20), data);
+
+    // WRITE: new content through the token; cat/cmp see it at once.
+    let new = pseudo_random(2, 1 << 20);
+    fill_memfd(&buf, &new);
+    assert_eq!(t.write(1 << 20, 0, 1 << 20).unwrap(), 1 << 20);
+    let out = Command::new("cat").arg(m.join("f")).output().unwrap();
+    assert_eq!(&out.stdout[..1 << 20], &data[..1 << 20]);
+    assert_eq!(&out.stdout[1 << 20..2 << 20], &new[..]);
+    assert_eq!(&out.stdout[2 << 20..], &data[2 << 20..]);
+
+    // WRITE extends like pwrite; READ past EOF is short; at EOF is 0.
+    assert_eq!(t.write((3 << 20) + 100, 0, 5000).unwrap(), 5000);
+    assert_eq!(
+        std::fs::metadata(m.join("f")).unwrap().len(),
+        (3 << 20) + 5100
+    );
+    assert_eq!(t.read((3 << 20) + 5000, 0, 4096).unwrap(), 100);
+    assert_eq!(t.read((3 << 20) + 5100, 0, 4096).unwrap(), 0);
+    assert_eq!(t.read(1 << 40, 0, 4096).unwrap(), 0);
+    // The gap written over by nothing reads as zeros.
+    t.read(3 << 20, 0, 100).unwrap();
+    assert_eq!(memfd_bytes(&buf, 100), vec![0u8; 100]);
+
+    let s = t.stats().unwrap();
+    assert_eq!(s.buf_kind, uapi::BUF_MEMFD);
+    assert!(s.c.read_ops >= 4 && s.c.write_ops == 2, "{:?}", s.c);
+    assert_eq!(s.c.write_bytes, (1 << 20) + 5000);
+}
+
+#[test]
+fn holes_and_unaligned_ranges() {
+    let img = Image::new("128M");
+    let m = img.mount();
+    let p = m.join("sparse");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    let data = pseudo_random(3, 200_000);
+    f.write_all_at(&data, 300_001).unwrap();
+    let tf = TokenFile::open(&p, true).unwrap();
+    let buf = sealed_memfd("t", 2 << 20).unwrap();
+    let t = tf.register(&buf, 0, 0).unwrap();
+    // Hole before the data reads as zeros, even where the buffer held junk.
+    fill_memfd(&buf, &vec![0xEE; 2 << 20]);
+    assert_eq!(t.read(0, 0, 300_001).unwrap(), 300_001);
+    assert!(memfd_bytes(&buf, 300_001).iter().all(|&b| b == 0));
+
+    let mut seed = 7u64;
+    for _ in 0..60 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (seed >> 20) % (1 << 20);
+        let boff = (seed >> 8) % 5000;
+        let len = 1 + (seed >> 40) % 70_000;
+        let got = t.read(off, boff, len).unwrap();
+        let want_len = len.min((1 << 20) - off);
+        assert_eq!(got, want_len);
+        let mut want = vec![0u8; want_len as usize];
+        f.read_exact_at(&mut want, off).unwrap();
+        let mut have = vec![0u8; want_len as usize];
+        buf.read_exact_at(&mut have, boff).unwrap();
+        assert_eq!(have, want, "READ off {off} boff {boff} len {len}");
+        // And write it back shifted through an unaligned WRITE.
+        let woff = (seed >> 3) % (1 << 20);
+        assert_eq!(t.write(woff, boff, want_len).unwrap(), want_len);
+        let mut back = vec![0u8; want_len as usize];
+        f.read_exact_at(&mut back, woff).unwrap();
+        assert_eq!(back, want, "WRITE off {woff}");
+    }
+    let s = tf.stats(0).unwrap();
+    assert!(s.c.unaligned_ops >= 100, "{:?}", s.c);
+}
+
+/// A memfd of `len` bytes (any length) with the given seals.
+fn memfd_with(len: u64, seals: &[memfd::FileSeal]) -> File {
+    let m = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create("x")
+        .unwrap();
+    m.as_file().set_len(len).unwrap();
+    for s in seals {
+        m.add_seal(*s).unwrap();
+    }
+    m.into_file()
+}
+
+fn register_raw(f: &File, fd: i32, off: u64, size: u64) -> io::Result<u64> {
+    let mut r = Register {
+        buf_fd: fd,
+        buf_offset: off,
+        size,
+        ..Default::default()
+    };
+    raw_ioctl(f, uapi::IOC_REGISTER, &mut r).map(|_| r.token)
+}
+
+fn io_raw(f: &File, write: bool, io: &mut Io) -> io::Result<u64> {
+    let cmd = if write {
+        uapi::IOC_WRITE_CMD
+    } else {
+        uapi::IOC_READ_CMD
+    };
+    raw_ioctl(f, cmd, io).map(|_| io.transferred)
+}
+
+#[test]
+fn register_errors() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    write_file(&m.join("f"), b"hello");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("f"))
+        .unwrap();
+    let good = sealed_memfd("g", 8192).unwrap();
+    let fd = good.as_raw_fd();
+
+    let mut r = Register {
+        buf_fd: fd,
+        flags: 1,
+        ..Default::default()
+    };
+    assert_errno(
+        raw_ioctl(&f, uapi::IOC_REGISTER, &mut r),
+        libc::EINVAL,
+        "flags",
+    );
+    let mut r = Register {
+        buf_fd: fd,
+        resv: [0, 0, 1, 0],
+        ..Default::default()
+    };
+    assert_errno(
+        raw_ioctl(&f, uapi::IOC_REGISTER, &mut r),
+        libc::EINVAL,
+        "reserved",
+    );
+    assert_errno(
+        register_raw(&f, fd, 100, 0),
+        libc::EINVAL,
+        "unaligned buf_offset",
+    );
+    assert_errno(register_raw(&f, fd, 0, 100), libc::EINVAL, "unaligned size");
+    assert_errno(register_raw(&f, fd, 8192, 0), libc::EINVAL, "empty window");
+    assert_errno(
+        register_raw(&f, fd, 4096, 8192),
+        libc::EINVAL,
+        "window past the end",
+    );
+    let odd = memfd_with(5000, &[memfd::FileSeal::SealShrink]);
+    assert_errno(
+        register_raw(&f, odd.as_raw_fd(), 0, 0),
+        libc::EINVAL,
+        "size not 4 KiB multiple",
+    );
+    let unsealed = memfd_with(8192, &[]);
+    assert_errno(
+        register_raw(&f, unsealed.as_raw_fd(), 0, 0),
+        libc::EINVAL,
+        "unsealed memfd",
+    );
+    let regular = File::open(img.path()).unwrap();
+    assert_errno(
+        register_raw(&f, regular.as_raw_fd(), 0, 0),
+        libc::EINVAL,
+        "regular file",
+    );
+    let devnull = File::open("/dev/null").unwrap();
+    assert_errno(
+        register_raw(&f, devnull.as_raw_fd(), 0, 0),
+        libc::EINVAL,
+        "/dev/null",
+    );
+    let dir = File::open(m.path()).unwrap();
+    assert_errno(
+        register_raw(&f, dir.as_raw_fd(), 0, 0),
+        libc::EINVAL,
+        "directory",
+    );
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    assert_errno(
+        register_raw(&f, a.as_raw_fd(), 0, 0),
+        libc::EINVAL,
+        "socket",
+    );
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: fresh fds we own.
+    let (_pr, _pw) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    assert_errno(register_raw(&f, pipe[0], 0, 0), libc::EINVAL, "pipe");
+    assert_errno(register_raw(&f, 987_654, 0, 0), libc::EBADF, "fd not open");
+    assert_errno(register_raw(&f, -1, 0, 0), libc::EBADF, "negative fd");
+
+    // A window inside the buffer works, and tokens are unique and nonzero.
+    let t1 = register_raw(&f, fd, 4096, 4096).unwrap();
+    let t2 = register_raw(&f, fd, 0, 0).unwrap();
+    assert!(t1 != 0 && t2 != 0 && t1 != t2);
+
+    // The daemon is still serving.
+    assert_eq!(std::fs::read(m.join("f")).unwrap(), b"hello");
+}
+
+#[test]
+fn io_errors_and_their_order() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    write_file(&m.join("f"), &[7u8; 10000]);
+    write_file(&m.join("other"), &[1u8; 100]);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("f"))
+        .unwrap();
+    let buf = sealed_memfd("t", 16384).unwrap();
+    let tok = register_raw(&f, buf.as_raw_fd(), 4096, 8192).unwrap();
+    let io = |token, file_offset, buf_offset, len| Io {
+        token,
+        file_offset,
+        buf_offset,
+        len,
+        ..Default::default()
+    };
+
+    assert_eq!(io_raw(&f, false, &mut io(tok, 0, 0, 8192)).unwrap(), 8192);
+    // EINVAL first: flags, reserved, overflow.
+    let mut x = io(tok, 0, 0, 10);
+    x.flags = 1;
+    assert_errno(io_raw(&f, false, &mut x), libc::EINVAL, "flags");
+    let mut x = io(tok, 0, 0, 10);
+    x.resv0 = 1;
+    assert_errno(io_raw(&f, false, &mut x), libc::EINVAL, "resv0");
+    let mut x = io(tok, 0, 0, 10);
+    x.resv[1] = 1;
+    assert_errno(io_raw(&f, false, &mut x), libc::EINVAL, "resv");
+    assert_errno(
+        io_raw(&f, false, &mut io(tok, u64::MAX - 5, 0, 10)),
+        libc::EINVAL,
+        "overflow",
+    );
+    // EINVAL beats EBADF (unknown token) and EFAULT (len 0).
+    assert_errno(
+        io_raw(&f, false, &mut io(999_999, u64::MAX, 0, 10)),
+        libc::EINVAL,
+        "order",
+    );
+    // transferred is ignored on input.
+    let mut x = io(tok, 0, 0, 10);
+    x.transferred = 12345;
+    assert_eq!(io_raw(&f, false, &mut x).unwrap(), 10);
+    // EBADF: unknown, foreign (another open of the same file), another file.
+    assert_errno(
+        io_raw(&f, false, &mut io(999_999, 0, 0, 10)),
+        libc::EBADF,
+        "unknown token",
+    );
+    let f2 = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("f"))
+        .unwrap();
+    assert_errno(
+        io_raw(&f2, false, &mut io(tok, 0, 0, 10)),
+        libc::EBADF,
+        "second open()",
+    );
+    let other = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("other"))
+        .unwrap();
+    assert_errno(
+        io_raw(&other, false, &mut io(tok, 0, 0, 10)),
+        libc::EBADF,
+        "another file",
+    );
+    assert_errno(
+        io_raw(&other, true, &mut io(tok, 0, 0, 10)),
+        libc::EBADF,
+        "another file, write",
+    );
+    // EBADF beats EFAULT.
+    assert_errno(
+        io_raw(&f2, false, &mut io(tok, 0, 0, 0)),
+        libc::EBADF,
+        "foreign + len 0",
+    );
+    // EFAULT: len 0, outside the window.
+    assert_errno(
+        io_raw(&f, false, &mut io(tok, 0, 0, 0)),
+        libc::EFAULT,
+        "len 0",
+    );
+    assert_errno(
+        io_raw(&f, false, &mut io(tok, 0, 4096, 4097)),
+        libc::EFAULT,
+        "past window",
+    );
+    assert_errno(
+        io_raw(&f, true, &mut io(tok, 0, 8192, 1)),
+        libc::EFAULT,
+        "write past window",
+    );
+    assert_errno(
+        io_raw(&f, false, &mut io(tok, 0, u64::MAX, 2)),
+        libc::EFAULT,
+        "huge buf_offset",
+    );
+
+    // Open modes: READ on O_WRONLY, WRITE on O_RDONLY -> EBADF.
+    let wo = OpenOptions::new().write(true).open(m.join("f")).unwrap();
+    let tw = register_raw(&wo, buf.as_raw_fd(), 0, 0).unwrap();
+    assert_errno(
+        io_raw(&wo, false, &mut io(tw, 0, 0, 10)),
+        libc::EBADF,
+        "READ on O_WRONLY",
+    );
+    assert_eq!(io_raw(&wo, true, &mut io(tw, 0, 0, 10)).unwrap(), 10);
+    let ro = File::open(m.join("f")).unwrap();
+    let tr = register_raw(&ro, buf.as_raw_fd(), 0, 0).unwrap();
+    assert_errno(
+        io_raw(&ro, true, &mut io(tr, 0, 0, 10)),
+        libc::EBADF,
+        "WRITE on O_RDONLY",
+    );
+    assert_eq!(io_raw(&ro, false, &mut io(tr, 0, 0, 10)).unwrap(), 10);
+
+    // UNREGISTER: only on the owning open file; then the token is stale.
+    let mut u = Unregister {
+        token: tok,
+        ..Default::default()
+    };
+    assert_errno(
+        raw_ioctl(&f2, uapi::IOC_UNREGISTER, &mut u),
+        libc::EBADF,
+        "foreign unregister",
+    );
+    let mut u = Unregister {
+        token: tok,
+        resv: [1, 0, 0],
+    };
+    assert_errno(
+        raw_ioctl(&f, uapi::IOC_UNREGISTER, &mut u),
+        libc::EINVAL,
+        "unregister resv",
+    );
+    let mut u = Unregister {
+        token: tok,
+        ..Default::default()
+    };
+    raw_ioctl(&f, uapi::IOC_UNREGISTER, &mut u).unwrap();
+    assert_errno(
+        io_raw(&f, false, &mut io(tok, 0, 0, 10)),
+        libc::EBADF,
+        "stale token",
+    );
+    // Unknown ioctl on the file: ENOTTY; daemon keeps serving.
+    let mut junk = [0u64; 4];
+    // SAFETY: a command the daemon does not know; 32 bytes of arg.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            0xC020_DB7Fu32 as libc::c_ulong,
+            junk.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
+    assert_eq!(std::fs::read(m.join("other")).unwrap(), vec![1u8; 100]);
+}
+
+#[test]
+fn write_sealed_memfd_registers_read_only() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    write_file(&m.join("f"), &[5u8; 4096]);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("f"))
+        .unwrap();
+    let buf = memfd_with(4096, &[]);
+    fill_memfd(&buf, &[9u8; 4096]);
+    let m2 = memfd::Memfd::try_from_file(buf).unwrap();
+    m2.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealWrite])
+        .unwrap();
+    let buf = m2.into_file();
+    let t = register_raw(&f, buf.as_raw_fd(), 0, 0).unwrap();
+    let mut io = Io {
+        token: t,
+        len: 4096,
+        ..Default::default()
+    };
+    assert_errno(
+        io_raw(&f, false, &mut io),
+        libc::EACCES,
+        "READ into a write-sealed memfd",
+    );
+    let mut io = Io {
+        token: t,
+        len: 4096,
+        ..Default::default()
+    };
+    assert_eq!(io_raw(&f, true, &mut io).unwrap(), 4096);
+    assert_eq!(std::fs::read(m.join("f")).unwrap(), vec![9u8; 4096]);
+}
+
+#[test]
+fn tokens_follow_the_open_file_dup_fork_and_close() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    write_file(&m.join("f"), &pseudo_random(4, 65536));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("f"))
+        .unwrap();
+    let buf = sealed_memfd("t", 65536).unwrap();
+    let tok = register_raw(&f, buf.as_raw_fd(), 0, 0).unwrap();
+    // dup shares the open file, so the token.
+    let d = f.try_clone().unwrap();
+    let mut io = Io {
+        token: tok,
+        len: 100,
+        ..Default::default()
+    };
+    assert_eq!(io_raw(&d, false, &mut io).unwrap(), 100);
+    // fork: the child uses the inherited fd with the parent's token.
+    // SAFETY: the child only makes an ioctl and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut io = Io {
+            token: tok,
+            len: 4096,
+            ..Default::default()
+        };
+        let code = match io_raw(&f, false, &mut io) {
+            Ok(4096) => 0,
+            _ => 1,
+        };
+        // SAFETY: exit the forked child without running destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child could not use the token"
+    );
+
+    // The buffer fd closed right after REGISTER: the daemon has its own copy.
+    let buf2 = sealed_memfd("t2", 8192).unwrap();
+    let tok2 = register_raw(&f, buf2.as_raw_fd(), 0, 0).unwrap();
+    drop(buf2);
+    let mut io = Io {
+        token: tok2,
+        len: 8192,
+        ..Default::default()
+    };
+    assert_eq!(io_raw(&f, false, &mut io).unwrap(), 8192);
+    // A sealed memfd cannot be truncated under the daemon.
+    let buf3 = sealed_memfd("t3", 8192).unwrap();
+    register_raw(&f, buf3.as_raw_fd(), 0, 0).unwrap();
+    assert!(
+        buf3.set_len(0).is_err(),
+        "F_SEAL_SHRINK must refuse shrinking"
+    );
+
+    // Closing every fd of the open file releases its tokens.
+    let probe = File::open(m.join("f")).unwrap();
+    let mut s = Stats::default();
+    raw_ioctl(&probe, uapi::IOC_STATS, &mut s).unwrap();
+    assert_eq!(s.live_tokens, 3);
+    drop(f);
+    drop(d);
+    let mut s = Stats::default();
+    for _ in 0..100 {
+        raw_ioctl(&probe, uapi::IOC_STATS, &mut s).unwrap();
+        if s.live_tokens == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(s.live_tokens, 0, "tokens outlived the last close");
+    // STATS of a token of another open file: EBADF.
+    let mut s = Stats {
+        token: tok,
+        ..Default::default()
+    };
+    assert_errno(
+        raw_ioctl(&probe, uapi::IOC_STATS, &mut s),
+        libc::EBADF,
+        "stats of a foreign token",
+    );
+}
+
+#[test]
+fn token_write_is_seen_by_cat_and_existing_mmaps() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    let p = m.join("f");
+    write_file(&p, &[1u8; 16384]);
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    // SAFETY: a shared read mapping of a file we keep open; unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            16384,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    // SAFETY: the mapping is 16384 readable bytes.
+    let view = unsafe { std::slice::from_raw_parts(map as *const u8, 16384) };
+    assert_eq!(view[5000], 1); // pages now cached
+    let mut one = [0u8; 1];
+    f.read_exact_at(&mut one, 5000).unwrap();
+    assert_eq!(one[0], 1);
+    let tf = TokenFile::from_file(f.try_clone().unwrap());
+    let buf = sealed_memfd("t", 16384).unwrap();
+    fill_memfd(&buf, &[2u8; 16384]);
+    let t = tf.register(&buf, 0, 0).unwrap();
+    assert_eq!(t.write(4096, 0, 8192).unwrap(), 8192);
+    // Through the already-open fd and the live mapping first: a new
+    // open() would drop the cache by itself.
+    f.read_exact_at(&mut one, 5000).unwrap();
+    assert_eq!(one[0], 2, "pread after token WRITE is stale");
+    // SAFETY: re-reading the live mapping.
+    assert_eq!(
+        unsafe { std::ptr::read_volatile(map.cast::<u8>().add(5000)) },
+        2,
+        "mmap is stale"
+    );
+    assert_eq!(view[0], 1);
+    assert_eq!(
+        std::fs::read(&p).unwrap()[5000],
+        2,
+        "cat after token WRITE is stale"
+    );
+    // SAFETY: unmapping what we mapped.
+    unsafe { libc::munmap(map, 16384) };
+    // And a token READ sees a write() that just returned.
+    f.write_all_at(&[3u8; 10], 100).unwrap();
+    t.read(100, 0, 10).unwrap();
+    assert_eq!(memfd_bytes(&buf, 10), vec![3u8; 10]);
+}
+
+#[test]
+fn batch_runs_each_op_with_its_own_result() {
+    let img = Image::new("128M");
+    let m = img.mount();
+    let data = pseudo_random(5, 1 << 20);
+    write_file(&m.join("f"), &data);
+    let f = TokenFile::open(&m.join("f"), true).unwrap();
+    let buf = sealed_memfd("t", 1 << 20).unwrap();
+    let t = f.register(&buf, 0, 0).unwrap();
+    let mut ops: Vec<BatchOp> = (0..64u64)
+        .map(|i| BatchOp {
+            token: t.id(),
+            file_offset: i * 4096 * 3 % (1 << 20),
+            buf_offset: i * 4096,
+            len: 4096,
+            cookie: 1000 + i,
+            op: uapi::OP_READ,
+            ..Default::default()
+        })
+        .collect();
+    ops[10].token = 424242; // not ours
+    ops[11].len = 0;
+    ops[12].op = 9;
+    ops[13].op = uapi::OP_WRITE;
+    ops[13].file_offset = (1 << 20) + 4096;
+    f.batch(&mut ops).unwrap();
+    for (i, op) in ops.iter().enumerate() {
+        assert_eq!(op.cookie, 1000 + i as u64);
+        match i {
+            10 => assert_eq!(op.result, -(libc::EBADF as i64)),
+            11 => assert_eq!(op.result, -(libc::EFAULT as i64)),
+            12 => assert_eq!(op.result, -(libc::EINVAL as i64)),
+            _ => assert_eq!(op.result, 4096, "op {i}"),
+        }
+    }
+    let mut got = vec![0u8; 4096];
+    buf.read_exact_at(&mut got, 5 * 4096).unwrap();
+    let off = 5 * 4096 * 3;
+    assert_eq!(got, &data[off..off + 4096]);
+    assert_eq!(
+        std::fs::metadata(m.join("f")).unwrap().len(),
+        (1 << 20) + 8192
+    );
+    // Too many or zero ops: EINVAL.
+    let mut b = Box::<uapi::Batch>::default();
+    b.count = 0;
+    assert_errno(
+        raw_ioctl(f.file(), uapi::IOC_BATCH, b.as_mut()),
+        libc::EINVAL,
+        "count 0",
+    );
+    b.count = uapi::MAX_BATCH as u32 + 1;
+    assert_errno(
+        raw_ioctl(f.file(), uapi::IOC_BATCH, b.as_mut()),
+        libc::EINVAL,
+        "count too big",
+    );
+}
+
+#[test]
+fn info_reports_the_backend() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    write_file(&m.join("f"), b"x");
+    let f = TokenFile::open(&m.join("f"), false).unwrap();
+    let i = f.info().unwrap();
+    assert_eq!(i.abi_version, uapi::ABI_VERSION);
+    assert_eq!(i.max_batch as usize, uapi::MAX_BATCH);
+    assert_eq!(i.fast_align, 4096);
+    assert!(i.features & uapi::FEAT_BATCH != 0);
+    assert!(!i.reason().is_empty());
+    println!("backend {} ({})", i.backend, i.reason());
+    let out = common::fs_cmd(&[std::ffi::OsStr::new("info"), m.join("f").as_os_str()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("abi version:  1"));
+}
+
+#[test]
+fn concurrent_token_io_with_ls_and_cp_running() {
+    let img = Image::new("512M");
+    let m = img.mount();
+    let files: Vec<_> = (0..4).map(|i| m.join(format!("f{i}"))).collect();
+    for (i, p) in files.iter().enumerate() {
+        write_file(p, &pseudo_random(10 + i as u64, 4 << 20));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let bg = {
+        let stop = stop.clone();
+        let dir = m.path().to_path_buf();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(Command::new("ls")
+                    .arg("-l")
+                    .arg(&dir)
+                    .output()
+                    .unwrap()
+                    .status
+                    .success());
+                assert!(Command::new("cp")
+                    .arg(dir.join("f0"))
+                    .arg(dir.join("copy"))
+                    .status()
+                    .unwrap()
+                    .success());
+                n += 1;
+            }
+            n
+        })
+    };
+    std::thread::scope(|s| {
+        for th in 0..8u64 {
+            let p = files[(th % 4) as usize].clone();
+            s.spawn(move || {
+                let f = TokenFile::open(&p, true).unwrap();
+                let buf = sealed_memfd("t", 1 << 20).unwrap();
+                let t = f.register(&buf, 0, 0).unwrap();
+                // Each thread owns a disjoint 1 MiB region of its file.
+                let region = (th / 4) * (2 << 20);
+                for round in 0..20u64 {
+                    let data = pseudo_random(th * 100 + round, 256 << 10);
+                    buf.write_all_at(&data, 0).unwrap();
+                    let off = region + (round % 4) * (256 << 10);
+                    assert_eq!(t.write(off, 0, 256 << 10).unwrap(), 256 << 10);
+                    assert_eq!(t.read(off, 512 << 10, 256 << 10).unwrap(), 256 << 10);
+                    let mut back = vec![0u8; 256 << 10];
+                    buf.read_exact_at(&mut back, 512 << 10).unwrap();
+                    assert_eq!(back, data, "thread {th} round {round}");
+                    let mut via_read = vec![0u8; 256 << 10];
+                    File::open(&p)
+                        .unwrap()
+                        .read_exact_at(&mut via_read, off)
+                        .unwrap();
+                    assert_eq!(via_read, data, "read() after token WRITE, thread {th}");
+                }
+            });
+        }
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(bg.join().unwrap() > 0);
+}
+
+#[test]
+fn c_header_matches_the_rust_layout() {
+    if !common::have_tool("gcc") {
+        println!("SKIP: gcc not installed; cannot compile the C header");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("layout.c");
+    std::fs::write(
+        &src,
+        r#"#include <stdio.h>
+#include <stddef.h>
+#include "dmabuf_fs.h"
+#define S(t) printf(#t " %zu\n", sizeof(struct t));
+#define O(t, f) printf(#t "." #f " %zu\n", offsetof(struct t, f));
+int main(void) {
+  S(dmabuf_fs_register) O(dmabuf_fs_register, size) O(dmabuf_fs_register, token) O(dmabuf_fs_register, resv)
+  S(dmabuf_fs_unregister)
+  S(dmabuf_fs_io) O(dmabuf_fs_io, flags) O(dmabuf_fs_io, transferred)
+  S(dmabuf_fs_info) O(dmabuf_fs_info, features) O(dmabuf_fs_info, backend_reason)
+  S(dmabuf_fs_stats) O(dmabuf_fs_stats, c) O(dmabuf_fs_stats, resv)
+  S(dmabuf_fs_batch_op) O(dmabuf_fs_batch_op, result)
+  S(dmabuf_fs_batch) O(dmabuf_fs_batch, ops)
+  printf("REGISTER %lu\nUNREGISTER %lu\nREAD %lu\nWRITE %lu\nINFO %lu\nSTATS %lu\nBATCH %lu\n",
+    (unsigned long)DMABUF_FS_IOC_REGISTER, (unsigned long)DMABUF_FS_IOC_UNREGISTER,
+    (unsigned long)DMABUF_FS_IOC_READ, (unsigned long)DMABUF_FS_IOC_WRITE,
+    (unsigned long)DMABUF_FS_IOC_INFO, (unsigned long)DMABUF_FS_IOC_STATS,
+    (unsigned long)DMABUF_FS_IOC_BATCH);
+  return 0;
+}
+"#,
+    )
+    .unwrap();
+    let header_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/uapi");
+    use std::mem::{offset_of, size_of};
+    let want = format!(
+        "dmabuf_fs_register {}\ndmabuf_fs_register.size {}\ndmabuf_fs_register.token {}\ndmabuf_fs_register.resv {}\n\
+dmabuf_fs_unregister {}\ndmabuf_fs_io {}\ndmabuf_fs_io.flags {}\ndmabuf_fs_io.transferred {}\n\
+dmabuf_fs_info {}\ndmabuf_fs_info.features {}\ndmabuf_fs_info.backend_reason {}\n\
+dmabuf_fs_stats {}\ndmabuf_fs_stats.c {}\ndmabuf_fs_stats.resv {}\n\
+dmabuf_fs_batch_op {}\ndmabuf_fs_batch_op.result {}\ndmabuf_fs_batch {}\ndmabuf_fs_batch.ops {}\n\
+REGISTER {}\nUNREGISTER {}\nREAD {}\nWRITE {}\nINFO {}\nSTATS {}\nBATCH {}\n",
+        size_of::<Register>(), offset_of!(Register, size), offset_of!(Register, token), offset_of!(Register, resv),
+        size_of::<Unregister>(), size_of::<Io>(), offset_of!(Io, flags), offset_of!(Io, transferred),
+        size_of::<uapi::Info>(), offset_of!(uapi::Info, features), offset_of!(uapi::Info, backend_reason),
+        size_of::<Stats>(), offset_of!(Stats, c), offset_of!(Stats, resv),
+        size_of::<BatchOp>(), offset_of!(BatchOp, result), size_of::<uapi::Batch>(), offset_of!(uapi::Batch, ops),
+        uapi::IOC_REGISTER, uapi::IOC_UNREGISTER, uapi::IOC_READ_CMD, uapi::IOC_WRITE_CMD,
+        uapi::IOC_INFO, uapi::IOC_STATS, uapi::IOC_BATCH,
+    );
+    let mut tried = 0;
+    for (flag, what) in [("-m64", "64-bit"), ("-m32", "32-bit")] {
+        let exe = dir.path().join(format!("layout{flag}"));
+        let cc = Command::new("gcc")
+            .args([flag, "-Wall", "-Werror", "-I"])
+            .arg(&header_dir)
+            .arg(&src)
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        if !cc.status.success() {
+            println!(
+                "SKIP {what}: gcc {flag} cannot build here: {}",
+                String::from_utf8_lossy(&cc.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            );
+            continue;
+        }
+        let out = Command::new(&exe).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "{what} layout differs"
+        );
+        tried += 1;
+    }
+    assert!(tried >= 1, "the header did not compile at all");
+}
+
+#[test]
+fn real_dmabufs_need_an_exporter() {
+    if !Path::new("/dev/udmabuf").exists() {
+        println!("SKIP: /dev/udmabuf is absent on this machine (no dmabuf exporter); the VM test covers real dmabufs");
+        return;
+    }
+    // With an exporter: make a udmabuf from a sealed memfd and round-trip.
+    let img = Image::new("64M");
+    let m = img.mount();
+    write_file(&m.join("f"), &pseudo_random(9, 65536));
+    let mem = sealed_memfd("u", 65536).unwrap();
+    #[repr(C)]
+    struct Create {
+        memfd: u32,
+        flags: u32,
+        offset: u64,
+        size: u64,
+    }
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/udmabuf")
+        .unwrap();
+    let c = Create {
+        memfd: mem.as_raw_fd() as u32,
+        flags: 0,
+        offset: 0,
+        size: 65536,
+    };
+    // SAFETY: UDMABUF_CREATE = _IOW('u', 0x42, struct udmabuf_create).
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), 0x4018_7542, &c) };
+    assert!(fd >= 0, "UDMABUF_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let dmabuf = unsafe { File::from_raw_fd(fd) };
+    let f = TokenFile::open(&m.join("f"), true).unwrap();
+    let t = f.register(&dmabuf, 0, 0).unwrap();
+    assert_eq!(t.read(0, 0, 65536).unwrap(), 65536);
+    assert_eq!(memfd_bytes(&mem, 65536), pseudo_random(9, 65536));
+    assert_eq!(t.stats().unwrap().buf_kind, uapi::BUF_DMABUF);
+}
