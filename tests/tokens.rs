@@ -892,3 +892,41 @@ fn real_dmabufs_need_an_exporter() {
     assert_eq!(memfd_bytes(&mem, 65536), pseudo_random(9, 65536));
     assert_eq!(t.stats().unwrap().buf_kind, uapi::BUF_DMABUF);
 }
+
+#[test]
+fn the_c_example_builds_and_reads_through_a_token() {
+    if !common::have_tool("gcc") {
+        println!("SKIP: gcc not installed; cannot build scripts/examples/token_read.c");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("token_read");
+    let cc = Command::new("gcc")
+        .args(["-Wall", "-Werror", "-O2", "-I"])
+        .arg(root.join("src/uapi"))
+        .arg(root.join("scripts/examples/token_read.c"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let img = Image::new("64M");
+    let m = img.mount();
+    write_file(&m.join("data"), &pseudo_random(77, 300_001));
+    let out = Command::new(&exe).arg(m.join("data")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("token READ of 300001 bytes matches read()"),
+        "{text}"
+    );
+}
