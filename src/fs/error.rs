@@ -1,5 +1,7 @@
-//! Typed errors of the filesystem layer; the FUSE adapter turns them into
-//! errnos at its edge.
+//! Typed errors of the filesystem layer, and the errno each one means.
+//!
+//! The mapping lives here, beside the type, because two edges need it:
+//! the FUSE adapter's replies and the per-op results of a token BATCH.
 
 use thiserror::Error;
 
@@ -46,6 +48,34 @@ pub enum FsError {
     Io(#[from] DeviceError),
     #[error("corrupt filesystem: {0}")]
     Corrupt(String),
+}
+
+impl FsError {
+    /// The errno a caller sees for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::FileTooBig => libc::EFBIG,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::AttrTooBig => libc::E2BIG,
+            FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::BadHandle => libc::EBADF,
+            FsError::NoData => libc::ENXIO,
+            FsError::TooManyLinks => libc::EMLINK,
+            // Device failures and corruption found while serving: never
+            // wrong data, always EIO.
+            FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
+        }
+    }
 }
 
 impl From<FormatError> for FsError {

@@ -2,7 +2,7 @@
 //! calls, replies out.
 //!
 //! Deliberately thin. It converts types (fuser's to ours), picks each
-//! errno (see [`errno`] and [`token_errno`]), and owns nothing but the
+//! errno (from `FsError::errno` / `TokenError::errno`), and owns nothing but the
 //! mount session and the thread that invalidates the kernel's page cache
 //! after token writes.
 
@@ -27,7 +27,7 @@ use crate::fs::{
     Attr, Caller, FallocMode, Fs, FsError, Kind, RenameMode, SeekWhence, SetAttr, TimeSet,
     Timespec, XattrMode,
 };
-use crate::tokens::{IoRequest, Registry, TokenError};
+use crate::tokens::{Registry, TokenError};
 use crate::uapi::{self, DecodeError, Request as Ioctl};
 
 // Files open with FOPEN_KEEP_CACHE: every change reaches the file through
@@ -118,49 +118,9 @@ pub struct FuseFs {
     deferred: mpsc::Sender<Deferred>,
 }
 
-/// The errno a caller sees for each filesystem error.
-pub fn errno(e: &FsError) -> Errno {
-    let code = match e {
-        FsError::NotFound => libc::ENOENT,
-        FsError::Exists => libc::EEXIST,
-        FsError::NotDir => libc::ENOTDIR,
-        FsError::IsDir => libc::EISDIR,
-        FsError::NotEmpty => libc::ENOTEMPTY,
-        FsError::NoSpace => libc::ENOSPC,
-        FsError::NameTooLong => libc::ENAMETOOLONG,
-        FsError::Invalid(_) => libc::EINVAL,
-        FsError::FileTooBig => libc::EFBIG,
-        FsError::ReadOnly => libc::EROFS,
-        FsError::NoAttr => libc::ENODATA,
-        FsError::AttrTooBig => libc::E2BIG,
-        FsError::NotSupported => libc::EOPNOTSUPP,
-        FsError::NotPermitted => libc::EPERM,
-        FsError::BadHandle => libc::EBADF,
-        FsError::NoData => libc::ENXIO,
-        FsError::TooManyLinks => libc::EMLINK,
-        // Device failures and corruption found while serving: never wrong
-        // data, always EIO.
-        FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
-    };
-    Errno::from_i32(code)
-}
-
-/// The errno for each token error (the kernel series' choices).
-pub fn token_errno(e: &TokenError) -> Errno {
-    Errno::from_i32(match e {
-        TokenError::Invalid(_) => libc::EINVAL,
-        TokenError::BadFile => libc::EBADF,
-        TokenError::Fault => libc::EFAULT,
-        TokenError::ReadOnlyBuffer => libc::EACCES,
-        TokenError::NotSupported => libc::EOPNOTSUPP,
-        TokenError::Permission => libc::EPERM,
-        TokenError::Fs(e) => return errno(e),
-    })
-}
-
 fn token_fail(op: &str, e: TokenError) -> Errno {
     debug!("{op}: {e}");
-    token_errno(&e)
+    Errno::from_i32(e.errno())
 }
 
 fn fail(op: &str, e: FsError) -> Errno {
@@ -168,7 +128,7 @@ fn fail(op: &str, e: FsError) -> Errno {
         FsError::Io(_) | FsError::Corrupt(_) => log::error!("{op}: {e}"),
         _ => debug!("{op}: {e}"),
     }
-    errno(&e)
+    Errno::from_i32(e.errno())
 }
 
 fn system_time(t: Timespec) -> SystemTime {
@@ -703,42 +663,13 @@ impl fuser::Filesystem for FuseFs {
                 Ok(out) => reply.ioctl(0, out.as_bytes()),
                 Err(e) => reply.error(token_fail("STATS", e)),
             },
-            Ioctl::Batch(mut b) => {
-                if b.flags != 0 || b.resv != 0 || b.count == 0 || b.count as usize > uapi::MAX_BATCH
-                {
-                    return reply.error(Errno::EINVAL);
+            Ioctl::Batch(mut b) => match tokens.batch(fs, fh, &mut b) {
+                Ok(written) => {
+                    let bytes = b.as_bytes().to_vec();
+                    self.invalidate_then(&written, move || reply.ioctl(0, &bytes));
                 }
-                let ino = self.fs_ino(fh);
-                let mut written = Vec::new();
-                for op in &mut b.ops[..b.count as usize] {
-                    let write = op.op == uapi::OP_WRITE;
-                    let r = if op.flags != 0 || !(op.op == uapi::OP_READ || write) {
-                        Err(TokenError::Invalid("bad op or flags"))
-                    } else if op.file_offset.checked_add(op.len).is_none() {
-                        Err(TokenError::Invalid("file_offset + len overflows"))
-                    } else {
-                        let q = IoRequest {
-                            token: op.token,
-                            file_offset: op.file_offset,
-                            buf_offset: op.buf_offset,
-                            len: op.len,
-                            write,
-                        };
-                        tokens.io(fs, fh, &q)
-                    };
-                    op.result = match r {
-                        Ok(n) => {
-                            if write && n > 0 {
-                                written.push((ino, op.file_offset, n));
-                            }
-                            n as i64
-                        }
-                        Err(e) => -(token_errno(&e).code() as i64),
-                    };
-                }
-                let bytes = b.as_bytes().to_vec();
-                self.invalidate_then(&written, move || reply.ioctl(0, &bytes));
-            }
+                Err(e) => reply.error(token_fail("BATCH", e)),
+            },
         }
     }
 

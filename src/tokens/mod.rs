@@ -31,6 +31,8 @@ const ALIGN: u64 = 4096;
 /// Token WRITEs go down in pieces this big, so a full device gives a
 /// short count instead of losing the whole call.
 const WRITE_CHUNK: u64 = 8 << 20;
+/// Threads one BATCH call spreads its ops over.
+const BATCH_WORKERS: usize = 8;
 
 #[derive(Debug, Error)]
 pub enum TokenError {
@@ -54,6 +56,22 @@ pub enum TokenError {
     Permission,
     #[error(transparent)]
     Fs(#[from] FsError),
+}
+
+impl TokenError {
+    /// The errno a caller sees (the kernel series' choices where it has
+    /// one); BATCH reports it per op as `-errno`.
+    pub fn errno(&self) -> i32 {
+        match self {
+            TokenError::Invalid(_) => libc::EINVAL,
+            TokenError::BadFile => libc::EBADF,
+            TokenError::Fault => libc::EFAULT,
+            TokenError::ReadOnlyBuffer => libc::EACCES,
+            TokenError::NotSupported => libc::EOPNOTSUPP,
+            TokenError::Permission => libc::EPERM,
+            TokenError::Fs(e) => e.errno(),
+        }
+    }
 }
 
 /// Which backend carries token I/O, and why.
@@ -272,6 +290,71 @@ impl Registry {
         };
         buf.sync(!req.write, true);
         r
+    }
+
+    /// BATCH: runs every op (in parallel when there are several), writing
+    /// each op's result; returns the (inode, offset, len) ranges written,
+    /// for the caller to invalidate before replying.
+    pub fn batch(
+        &self,
+        fs: &Fs,
+        fh: u64,
+        batch: &mut uapi::Batch,
+    ) -> Result<Vec<(u64, u64, u64)>, TokenError> {
+        if batch.flags != 0 || batch.resv != 0 {
+            return Err(TokenError::Invalid("nonzero flags or reserved fields"));
+        }
+        let count = batch.count as usize;
+        if count == 0 || count > uapi::MAX_BATCH {
+            return Err(TokenError::Invalid("batch count out of range"));
+        }
+        let ops = &mut batch.ops[..count];
+        let run = |op: &mut uapi::BatchOp| -> Option<(u64, u64, u64)> {
+            let write = op.op == uapi::OP_WRITE;
+            let r = if op.flags != 0 || !(write || op.op == uapi::OP_READ) {
+                Err(TokenError::Invalid("bad op or flags"))
+            } else if op.file_offset.checked_add(op.len).is_none() {
+                Err(TokenError::Invalid("file_offset + len overflows"))
+            } else {
+                let req = IoRequest {
+                    token: op.token,
+                    file_offset: op.file_offset,
+                    buf_offset: op.buf_offset,
+                    len: op.len,
+                    write,
+                };
+                self.io(fs, fh, &req).map(|n| (n, req))
+            };
+            match r {
+                Ok((n, req)) => {
+                    op.result = n as i64;
+                    let ino = self.token_ino(req.token)?;
+                    (write && n > 0).then_some((ino, req.file_offset, n))
+                }
+                Err(e) => {
+                    op.result = -(e.errno() as i64);
+                    None
+                }
+            }
+        };
+        // Independent ops go down together, so the device sees a queue.
+        let workers = BATCH_WORKERS.min(count.div_ceil(4));
+        let per = count.div_ceil(workers);
+        let written = std::thread::scope(|s| {
+            let handles: Vec<_> = ops
+                .chunks_mut(per)
+                .map(|chunk| s.spawn(move || chunk.iter_mut().filter_map(run).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        Ok(written)
+    }
+
+    fn token_ino(&self, token: u64) -> Option<u64> {
+        self.inner.lock().tokens.get(&token).map(|t| t.ino)
     }
 
     /// STATS: the file's totals (token 0) or one token of this open file.

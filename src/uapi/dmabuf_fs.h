@@ -118,7 +118,11 @@ struct dmabuf_fs_stats {             /* 128 bytes */
 	__u64 resv[4];
 };
 
-/* BATCH: many READ/WRITE ops in one call, each with its own result. */
+/*
+ * BATCH: many READ/WRITE ops in one call, each with its own result. Ops
+ * run concurrently (as an io_uring submission would): ops whose ranges
+ * overlap, with at least one a WRITE, have no defined order.
+ */
 #define DMABUF_FS_OP_READ  1
 #define DMABUF_FS_OP_WRITE 2
 
