@@ -5,10 +5,12 @@
 //! length) ranges, the shape of the kernel series' dmabuf iterator ranges.
 //! [`file::FileDevice`] serves image files and block devices (O_DIRECT
 //! where the device allows it); [`mem::MemDevice`] keeps everything in
-//! memory and can simulate a crash, for tests.
+//! memory and can simulate a crash, for tests; [`undo::UndoDevice`] lets
+//! crash tests of a real daemon drop every write since the last flush.
 
 pub mod file;
 pub mod mem;
+pub mod undo;
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;

@@ -19,7 +19,8 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::statvfs::{statvfs, FsFlags};
 
 use super::options::MountOpts;
-use crate::blockdev::{FileDevice, OpenMode};
+use crate::blockdev::undo::UndoDevice;
+use crate::blockdev::{BlockDevice, FileDevice, OpenMode};
 use crate::fs::{Fs, MountOptions};
 use crate::fuse::{self, MountConfig};
 use crate::tokens;
@@ -157,8 +158,14 @@ fn serve(
     )
     .map_err(|e| format!("cannot open {}: {e}", source.display()))?;
     let dev_direct = dev.is_direct();
+    let dev: Arc<dyn BlockDevice> = match &opts.test_undo_log {
+        Some(log) => {
+            Arc::new(UndoDevice::new(dev, log).map_err(|e| format!("{}: {e}", log.display()))?)
+        }
+        None => Arc::new(dev),
+    };
     let fs = Fs::mount(
-        Arc::new(dev),
+        dev,
         MountOptions {
             read_only: opts.read_only,
             commit_interval: opts.commit,

@@ -38,6 +38,8 @@ pub struct MountOpts {
     pub noatime: bool,
     pub remount: bool,
     pub log: Option<PathBuf>,
+    /// Crash tests only: keep an undo log of unflushed writes here.
+    pub test_undo_log: Option<PathBuf>,
     /// Kernel flags passed through (nosuid, nodev, noexec, ...).
     pub flags: Vec<MountOption>,
 }
@@ -52,6 +54,7 @@ impl Default for MountOpts {
             noatime: false,
             remount: false,
             log: None,
+            test_undo_log: None,
             flags: Vec::new(),
         }
     }
@@ -123,6 +126,7 @@ impl MountOpts {
                 "dirsync" => o.flags.push(MountOption::DirSync),
                 "remount" => o.remount = true,
                 "log" => o.log = value.map(PathBuf::from),
+                "test_undo_log" => o.test_undo_log = value.map(PathBuf::from),
                 // Set by this program itself; mount(8) may echo them back.
                 "fsname" | "subtype" => {}
                 k if IGNORED.contains(&k) || k.starts_with("x-") || k == "comment" => {}
