@@ -244,9 +244,10 @@ impl FuseFs {
     /// (ino, offset, len), then runs `then` (the reply), off this thread.
     fn invalidate_then(&self, ranges: &[(u64, u64, u64)], then: impl FnOnce() + Send + 'static) {
         let ranges = ranges.to_vec();
+        let fs = self.fs.clone();
         let job: Deferred = Box::new(move |n: &Notifier| {
             for (ino, off, len) in ranges {
-                if let Err(e) = n.inval_inode(INodeNo(ino), off as i64, len as i64) {
+                if let Err(e) = Self::invalidate(&fs, n, ino, off, len) {
                     // ENOENT: the kernel has nothing cached for it.
                     if e.raw_os_error() != Some(libc::ENOENT) {
                         warn!("invalidating inode {ino}: {e}");
@@ -259,6 +260,23 @@ impl FuseFs {
             // The invalidation thread is gone (unmounting): reply anyway.
             drop(job);
         }
+    }
+
+    fn invalidate(fs: &Fs, n: &Notifier, ino: u64, off: u64, len: u64) -> io::Result<()> {
+        n.inval_inode(INodeNo(ino), off as i64, len as i64)?;
+        // A write that ended at EOF may have grown the file, and a page
+        // fault past the kernel's old i_size would SIGBUS before the next
+        // stat refreshes it. Storing the last byte moves i_size (an empty
+        // store does not); it is read back just now, so it is current.
+        let end = off + len;
+        if fs.getattr(ino).is_ok_and(|a| a.size == end) {
+            if let Ok(last) = fs.read(ino, end - 1, 1) {
+                if last.len() == 1 {
+                    n.store(INodeNo(ino), end - 1, &last)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
