@@ -195,13 +195,26 @@ pub fn verify(sb: &Superblock, meta: &Meta, ckpt: &CheckpointHeader) -> Vec<Prob
             *names.entry(ino).or_default() += 1;
         }
     }
+    // What can be reached from the root (a cycle of directories naming
+    // each other is not).
+    let mut reachable = std::collections::HashSet::from([ROOT_INO]);
+    let mut queue = vec![ROOT_INO];
+    while let Some(dir) = queue.pop() {
+        if let Some(d) = meta.get(dir).and_then(|i| i.dir.as_ref()) {
+            for &(child, _) in d.entries.values() {
+                if meta.get(child).is_some() && reachable.insert(child) {
+                    queue.push(child);
+                }
+            }
+        }
+    }
     let mut inos: Vec<&u64> = meta.inodes.keys().collect();
     inos.sort_unstable();
     for &ino in inos {
         let a = &meta.inodes[&ino].attrs;
         let n = names.get(&ino).copied().unwrap_or(0);
-        if ino != ROOT_INO && n == 0 {
-            if a.nlink == 0 {
+        if !reachable.contains(&ino) {
+            if a.nlink == 0 && n == 0 {
                 problems.push(Problem::Orphan { ino });
             } else {
                 problems.push(Problem::Unreachable { ino });

@@ -1143,7 +1143,8 @@ impl Fs {
 
     /// Whether `dir` is `ino` or below it.
     fn is_ancestor(meta: &Meta, ino: u64, mut dir: u64) -> bool {
-        loop {
+        // Bounded: mount refuses parent cycles, but never spin on one.
+        for _ in 0..=meta.inodes.len() {
             if dir == ino {
                 return true;
             }
@@ -1155,6 +1156,7 @@ impl Fs {
                 _ => return false,
             }
         }
+        false
     }
 
     /// Calls `f` for each entry after `offset` until it returns true
