@@ -6,8 +6,10 @@
 //! [`file::FileDevice`] serves image files and block devices (O_DIRECT
 //! where the device allows it); [`mem::MemDevice`] keeps everything in
 //! memory and can simulate a crash, for tests; [`undo::UndoDevice`] lets
-//! crash tests of a real daemon drop every write since the last flush.
+//! crash tests of a real daemon drop every write since the last flush, and
+//! [`fault::FailingDevice`] makes it fail with EIO.
 
+pub mod fault;
 pub mod file;
 pub mod mem;
 pub mod undo;

@@ -12,19 +12,21 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 
 use super::{BlockDevice, DeviceError, Direction, IoBuffer, IoRange};
 
 const MAGIC: u32 = 0x554E_444F; // "UNDO"
 
-pub struct UndoDevice<D: BlockDevice> {
-    inner: D,
+pub struct UndoDevice {
+    inner: Arc<dyn BlockDevice>,
     log: Mutex<File>,
 }
 
-impl<D: BlockDevice> UndoDevice<D> {
-    pub fn new(inner: D, log_path: &Path) -> std::io::Result<Self> {
+impl UndoDevice {
+    pub fn new(inner: Arc<dyn BlockDevice>, log_path: &Path) -> std::io::Result<Self> {
         let log = OpenOptions::new()
             .create(true)
             .read(true)
@@ -38,7 +40,7 @@ impl<D: BlockDevice> UndoDevice<D> {
     }
 }
 
-impl<D: BlockDevice> BlockDevice for UndoDevice<D> {
+impl BlockDevice for UndoDevice {
     fn size(&self) -> u64 {
         self.inner.size()
     }

@@ -19,6 +19,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::statvfs::{statvfs, FsFlags};
 
 use super::options::MountOpts;
+use crate::blockdev::fault::FailingDevice;
 use crate::blockdev::undo::UndoDevice;
 use crate::blockdev::{BlockDevice, FileDevice, OpenMode};
 use crate::fs::{Fs, MountOptions};
@@ -158,12 +159,14 @@ fn serve(
     )
     .map_err(|e| format!("cannot open {}: {e}", source.display()))?;
     let dev_direct = dev.is_direct();
-    let dev: Arc<dyn BlockDevice> = match &opts.test_undo_log {
-        Some(log) => {
-            Arc::new(UndoDevice::new(dev, log).map_err(|e| format!("{}: {e}", log.display()))?)
-        }
-        None => Arc::new(dev),
-    };
+    let mut dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    if let Some(n) = opts.test_fail_after {
+        dev = Arc::new(FailingDevice::new(dev, n));
+    }
+    if let Some(log) = &opts.test_undo_log {
+        let undo = UndoDevice::new(dev, log).map_err(|e| format!("{}: {e}", log.display()))?;
+        dev = Arc::new(undo);
+    }
     let fs = Fs::mount(
         dev,
         MountOptions {

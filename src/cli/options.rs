@@ -40,6 +40,8 @@ pub struct MountOpts {
     pub log: Option<PathBuf>,
     /// Crash tests only: keep an undo log of unflushed writes here.
     pub test_undo_log: Option<PathBuf>,
+    /// Fault tests only: every device operation after this many fails.
+    pub test_fail_after: Option<u64>,
     /// Kernel flags passed through (nosuid, nodev, noexec, ...).
     pub flags: Vec<MountOption>,
 }
@@ -55,6 +57,7 @@ impl Default for MountOpts {
             remount: false,
             log: None,
             test_undo_log: None,
+            test_fail_after: None,
             flags: Vec::new(),
         }
     }
@@ -127,6 +130,7 @@ impl MountOpts {
                 "remount" => o.remount = true,
                 "log" => o.log = value.map(PathBuf::from),
                 "test_undo_log" => o.test_undo_log = value.map(PathBuf::from),
+                "test_fail_after" => o.test_fail_after = Some(num(value)?),
                 // Set by this program itself; mount(8) may echo them back.
                 "fsname" | "subtype" => {}
                 k if IGNORED.contains(&k) || k.starts_with("x-") || k == "comment" => {}
