@@ -1437,7 +1437,7 @@ fn cp_and_tar_tree() {
 #[test]
 fn xfs_io_commands() {
     if !have_tool("xfs_io") {
-        println!("skipping xfs_io_commands: xfs_io is not installed");
+        println!("SKIP: xfs_io is not installed (Debian package xfsprogs)");
         return;
     }
     let img = Image::new("256M");

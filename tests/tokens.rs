@@ -832,7 +832,7 @@ REGISTER {}\nUNREGISTER {}\nREAD {}\nWRITE {}\nINFO {}\nSTATS {}\nBATCH {}\n",
             .unwrap();
         if !cc.status.success() {
             println!(
-                "SKIP {what}: gcc {flag} cannot build here: {}",
+                "note: {what} layout not checked: gcc {flag} cannot build here: {}",
                 String::from_utf8_lossy(&cc.stderr)
                     .lines()
                     .next()
