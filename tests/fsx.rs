@@ -14,28 +14,11 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use common::{Image, Mounted};
+use common::{Image, Mounted, Rng};
 use dmabuf_fs::client::{sealed_memfd, TokenFile};
 
 const MAX_LEN: u64 = 1 << 20; // file size the ops stay around
 const MAX_OP: u64 = 96 << 10; // bytes one op touches at most
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
 
 struct Fsx {
     seed: u64,
@@ -54,7 +37,7 @@ impl Fsx {
         let other = Self::open(&m, "fsx.other");
         Self {
             seed,
-            rng: Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            rng: Rng::new(seed),
             model: Vec::new(),
             log: Vec::new(),
             m,

@@ -6,24 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::Rng;
 use dmabuf_fs::blockdev::{BlockDevice, MemDevice};
 use dmabuf_fs::fs::{self, check, Caller, Fs, MountOptions, RenameMode, ROOT_INO};
 
 const ROOT: Caller = Caller { uid: 0, gid: 0 };
-
-/// Small deterministic PRNG (xorshift) so failures reproduce from a seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn opts() -> MountOptions {
     MountOptions {
@@ -92,7 +81,7 @@ fn check_after_crash(img: Vec<u8>, durable: &HashMap<String, Vec<u8>>, seed: u64
 /// One random workload over a handful of names, with a simulated power
 /// cut every few steps; returns the number of crash points tried.
 fn run_seed(seed: u64, ops: usize) -> usize {
-    let mut rng = Rng(seed * 2654435761 + 1);
+    let mut rng = Rng::new(seed);
     let dev = fresh(16 << 20);
     let fs = mount(&dev);
     let mut live: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
@@ -170,7 +159,7 @@ fn run_seed(seed: u64, ops: usize) -> usize {
                     .filter(|(n, _)| !touched.contains(n))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                let mut r3 = Rng(seed.wrapping_mul(31) + step as u64 + 1);
+                let mut r3 = Rng::new(seed.wrapping_mul(31) + step as u64);
                 let inner = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 let count = inner.clone();
                 dev.set_flush_hook(Some(Box::new(move |durable_img, unflushed| {
@@ -196,7 +185,7 @@ fn run_seed(seed: u64, ops: usize) -> usize {
                 .filter(|(n, _)| !touched.contains(n))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            let mut r2 = Rng((seed ^ (step as u64 + 7)).wrapping_mul(0x9E3779B97F4A7C15) | 1);
+            let mut r2 = Rng::new(seed ^ (step as u64 + 7));
             let img = if step % 2 == 0 {
                 dev.crash_image(|_, _, _| false)
             } else {
@@ -305,7 +294,7 @@ fn torn_and_corrupt_metadata_is_refused_not_panicked() {
     fs.mkdir(ROOT, ROOT_INO, b"d", 0o755).unwrap();
     fs.unmount().unwrap();
     let good = dev.snapshot();
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for i in 0..200 {
         let mut img = good.clone();
         match i % 4 {

@@ -10,17 +10,7 @@ use std::os::unix::fs::{symlink, FileExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Image;
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use common::{Image, Rng};
 
 /// Errors that racing processes legitimately cause each other.
 fn expected(e: &std::io::Error) -> bool {
@@ -51,7 +41,7 @@ fn path(root: &Path, rng: &mut Rng) -> PathBuf {
 /// One worker: random operations until the deadline. Returns the count of
 /// operations, or panics on an unexpected error.
 fn worker(root: &Path, seed: u64, until: Instant) -> u64 {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let mut ops = 0;
     while Instant::now() < until {
         let p = path(root, &mut rng);

@@ -655,3 +655,29 @@ pub fn wait_for<F: FnMut() -> bool>(timeout: Duration, mut cond: F) -> bool {
         sleep(Duration::from_millis(50));
     }
 }
+
+/// Small deterministic PRNG (xorshift64) so randomized tests reproduce
+/// from their seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform-ish in 0..n (0 when n is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
