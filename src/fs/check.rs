@@ -168,14 +168,17 @@ pub fn verify(sb: &Superblock, meta: &Meta, ckpt: &CheckpointHeader) -> Vec<Prob
         let Some(d) = &meta.inodes[&parent].dir else {
             continue;
         };
-        let mut entries: Vec<(&Vec<u8>, u64)> =
-            d.entries.iter().map(|(n, &(ino, _))| (n, ino)).collect();
+        let mut entries: Vec<(&[u8], u64)> = d
+            .entries
+            .iter()
+            .map(|(n, &(ino, _))| (&n[..], ino))
+            .collect();
         entries.sort();
         for (name, ino) in entries {
             let Some(child) = meta.get(ino) else {
                 problems.push(Problem::DanglingEntry {
                     parent,
-                    name: name.clone(),
+                    name: name.to_vec(),
                     ino,
                 });
                 continue;
@@ -184,7 +187,7 @@ pub fn verify(sb: &Superblock, meta: &Meta, ckpt: &CheckpointHeader) -> Vec<Prob
                 if ino == ROOT_INO || dir_home.contains_key(&ino) {
                     problems.push(Problem::DirLinkedTwice {
                         parent,
-                        name: name.clone(),
+                        name: name.to_vec(),
                         ino,
                     });
                     continue;
@@ -299,8 +302,7 @@ pub fn fsck(dev: &dyn BlockDevice, repair: bool) -> Result<Report> {
         remaining = verify(&sb, &meta, &loaded.checkpoint);
         if remaining.is_empty() {
             let (mut alloc, _) = build_allocator(&sb, &meta, &loaded.checkpoint);
-            let records = meta.snapshot();
-            let blob = journal::encode_snapshot(&records);
+            let (blob, count) = journal::encode_snapshot(&meta);
             let blocks = (blob.len() as u64).div_ceil(crate::format::BLOCK_SIZE);
             let extents = alloc.allocate(blocks, None);
             if extents.iter().map(|e| e.1).sum::<u64>() < blocks {
@@ -311,7 +313,7 @@ pub fn fsck(dev: &dyn BlockDevice, repair: bool) -> Result<Report> {
                 sb.salt(),
                 loaded.checkpoint.seq + 1,
                 &blob,
-                records.len() as u64,
+                count,
                 extents,
             )?;
             repaired = true;

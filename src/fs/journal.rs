@@ -73,14 +73,22 @@ impl Journal {
     }
 }
 
-/// Serialises a snapshot: record count, then each record length-prefixed.
-pub fn encode_snapshot(records: &[Record]) -> Vec<u8> {
-    let mut e = Encoder::with_capacity(records.len() * 64);
-    e.u64(records.len() as u64);
-    for r in records {
-        e.bytes(&r.to_bytes());
-    }
-    e.into_bytes()
+/// Serialises a snapshot of `meta`: record count, then each record
+/// length-prefixed. Returns the bytes and the record count.
+pub fn encode_snapshot(meta: &Meta) -> (Vec<u8>, u64) {
+    let mut e = Encoder::with_capacity(meta.inodes.len() * 192 + 64);
+    e.u64(0); // count, patched below
+    let mut count = 0u64;
+    let mut one = Encoder::new();
+    meta.each_snapshot_record(|r| {
+        one = Encoder::with_capacity(64);
+        r.encode(&mut one);
+        e.bytes(one.as_bytes());
+        count += 1;
+    });
+    let mut blob = e.into_bytes();
+    blob[..8].copy_from_slice(&count.to_le_bytes());
+    (blob, count)
 }
 
 /// Writes a snapshot into `extents` and the header into slot `seq % 2`,

@@ -6,8 +6,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
-
 use crate::format::{InodeAttrs, Kind, Record};
 
 /// A run of device blocks backing a run of file blocks.
@@ -20,11 +18,12 @@ pub struct Extent {
 }
 
 /// A directory's entries, with a stable cookie per entry so readdir can
-/// resume at an offset while entries come and go.
+/// resume at an offset while entries come and go. Each name is stored
+/// once, shared by both maps.
 #[derive(Debug, Default)]
 pub struct Dir {
-    pub entries: HashMap<Vec<u8>, (u64, u64)>,
-    pub by_cookie: BTreeMap<u64, Vec<u8>>,
+    pub entries: HashMap<Arc<[u8]>, (u64, u64)>,
+    pub by_cookie: BTreeMap<u64, Arc<[u8]>>,
     next_cookie: u64,
 }
 
@@ -51,8 +50,9 @@ impl Dir {
         }
         let cookie = self.next_cookie.max(FIRST_COOKIE);
         self.next_cookie = cookie + 1;
-        self.entries.insert(name.to_vec(), (ino, cookie));
-        self.by_cookie.insert(cookie, name.to_vec());
+        let name: Arc<[u8]> = name.into();
+        self.entries.insert(name.clone(), (ino, cookie));
+        self.by_cookie.insert(cookie, name);
     }
 
     fn remove(&mut self, name: &[u8]) -> Option<u64> {
@@ -70,16 +70,14 @@ pub struct Inode {
     pub allocated_blocks: u64,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     pub target: Vec<u8>,
-    pub dir: Option<Dir>,
-    /// Serialises data I/O against truncation and reallocation.
-    pub io: Arc<RwLock<()>>,
+    pub dir: Option<Box<Dir>>,
     /// Open file handles (the inode lives on while > 0 after unlink).
     pub open_count: u32,
 }
 
 impl Inode {
     fn new(attrs: InodeAttrs) -> Self {
-        let dir = (attrs.kind == Kind::Dir).then(Dir::default);
+        let dir = (attrs.kind == Kind::Dir).then(Box::default);
         Self {
             attrs,
             extents: BTreeMap::new(),
@@ -87,7 +85,6 @@ impl Inode {
             xattrs: BTreeMap::new(),
             target: Vec::new(),
             dir,
-            io: Arc::new(RwLock::new(())),
             open_count: 0,
         }
     }
@@ -134,7 +131,7 @@ impl Meta {
                 match self.inodes.get_mut(&a.ino) {
                     Some(i) => {
                         if a.kind == Kind::Dir && i.dir.is_none() {
-                            i.dir = Some(Dir::default());
+                            i.dir = Some(Box::default());
                         }
                         i.attrs = a.clone();
                     }
@@ -220,31 +217,39 @@ impl Meta {
     }
 
     /// The records that rebuild this metadata from nothing (a checkpoint).
-    /// Parents come before children so DirAdd always finds its directory.
+    #[cfg(test)]
     pub fn snapshot(&self) -> Vec<Record> {
         let mut out = Vec::with_capacity(self.inodes.len() * 2 + 1);
-        out.push(Record::NextIno(self.next_ino));
-        let mut inos: Vec<&u64> = self.inodes.keys().collect();
+        self.each_snapshot_record(|r| out.push(r));
+        out
+    }
+
+    /// Produces the snapshot records one at a time, so a checkpoint of
+    /// millions of inodes never holds them all at once. Parents come
+    /// before children so DirAdd always finds its directory.
+    pub fn each_snapshot_record(&self, mut f: impl FnMut(Record)) {
+        f(Record::NextIno(self.next_ino));
+        let mut inos: Vec<u64> = self.inodes.keys().copied().collect();
         inos.sort_unstable();
-        for ino in &inos {
-            let i = &self.inodes[ino];
-            out.push(Record::Inode(i.attrs.clone()));
+        for &ino in &inos {
+            let i = &self.inodes[&ino];
+            f(Record::Inode(i.attrs.clone()));
             if !i.target.is_empty() {
-                out.push(Record::SymlinkTarget {
-                    ino: **ino,
+                f(Record::SymlinkTarget {
+                    ino,
                     target: i.target.clone(),
                 });
             }
             for (name, value) in &i.xattrs {
-                out.push(Record::XattrSet {
-                    ino: **ino,
+                f(Record::XattrSet {
+                    ino,
                     name: name.clone(),
                     value: value.clone(),
                 });
             }
             for (&fb, e) in &i.extents {
-                out.push(Record::Map {
-                    ino: **ino,
+                f(Record::Map {
+                    ino,
                     file_block: fb,
                     dev_block: e.dev,
                     len: e.len,
@@ -252,18 +257,17 @@ impl Meta {
                 });
             }
         }
-        for ino in &inos {
-            if let Some(d) = &self.inodes[ino].dir {
-                for (cookie_name, (child, _)) in d.by_cookie.values().map(|n| (n, &d.entries[n])) {
-                    out.push(Record::DirAdd {
-                        parent: **ino,
-                        name: cookie_name.clone(),
-                        ino: *child,
+        for &ino in &inos {
+            if let Some(d) = &self.inodes[&ino].dir {
+                for name in d.by_cookie.values() {
+                    f(Record::DirAdd {
+                        parent: ino,
+                        name: name.to_vec(),
+                        ino: d.entries[name].0,
                     });
                 }
             }
         }
-        out
     }
 }
 

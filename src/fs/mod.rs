@@ -43,6 +43,8 @@ const BS: u64 = BLOCK_SIZE;
 /// Largest xattr value, as Linux (XATTR_SIZE_MAX).
 pub const MAX_XATTR_VALUE: usize = 65536;
 const MAX_LINKS: u32 = 65000;
+/// Data I/O locks shared by all inodes (see `Fs::io_lock`).
+const IO_LOCK_STRIPES: usize = 1024;
 
 /// What `stat` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +189,7 @@ pub struct Fs {
     sb: Superblock,
     opts: MountOptions,
     state: RwLock<State>,
+    io_locks: Vec<RwLock<()>>,
     journal: Mutex<Journal>,
     sync_lock: Mutex<()>,
     /// Data written since the last device flush.
@@ -254,11 +257,10 @@ pub fn format(dev: &dyn BlockDevice, root_owner: Caller) -> Result<FormatSummary
     meta.apply(&Record::Inode(root))
         .map_err(|e| FsError::Corrupt(e.to_string()))?;
     meta.next_ino = ROOT_INO + 1;
-    let records = meta.snapshot();
-    let blob = journal::encode_snapshot(&records);
+    let (blob, count) = journal::encode_snapshot(&meta);
     let blocks = (blob.len() as u64).div_ceil(BS);
     let extents = vec![(sb.data_start(), blocks)];
-    journal::write_checkpoint(dev, sb.salt(), 1, &blob, records.len() as u64, extents)?;
+    journal::write_checkpoint(dev, sb.salt(), 1, &blob, count, extents)?;
     let block = sb.encode();
     dev.write_at(sb.backup_block() * BS, &block)?;
     dev.write_at(0, &block)?;
@@ -336,6 +338,7 @@ impl Fs {
                 next_fh: 1,
                 reserve: 0,
             }),
+            io_locks: (0..IO_LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             journal: Mutex::new(journal),
             sync_lock: Mutex::new(()),
             data_dirty: AtomicBool::new(false),
@@ -490,8 +493,7 @@ impl Fs {
         self.data_dirty.store(false, Ordering::SeqCst);
         let (blob, count, extents, upto, seq, salt) = {
             let mut st = self.state.write();
-            let records = st.meta.snapshot();
-            let blob = journal::encode_snapshot(&records);
+            let (blob, count) = journal::encode_snapshot(&st.meta);
             let blocks = (blob.len() as u64).div_ceil(BS);
             let extents = st.alloc.allocate(blocks, None);
             let got: u64 = extents.iter().map(|e| e.1).sum();
@@ -505,14 +507,7 @@ impl Fs {
             let mut j = self.journal.lock();
             let upto = j.next_lsn - 1;
             j.queued.clear();
-            (
-                blob,
-                records.len() as u64,
-                extents,
-                upto,
-                j.checkpoint.seq + 1,
-                j.salt,
-            )
+            (blob, count, extents, upto, j.checkpoint.seq + 1, j.salt)
         };
         let header = match journal::write_checkpoint(
             self.dev.as_ref(),
@@ -642,7 +637,7 @@ impl Fs {
 
     pub fn setattr(&self, ino: u64, set: &SetAttr) -> Result<Attr> {
         self.writable()?;
-        let io = self.io_lock(ino)?;
+        let io = self.io_lock(ino);
         let _io = io.write();
         let mut st = self.state.write();
         let now = Timespec::now();
@@ -736,9 +731,11 @@ impl Fs {
         Ok(())
     }
 
-    fn io_lock(&self, ino: u64) -> Result<Arc<RwLock<()>>> {
-        let st = self.state.read();
-        Ok(st.meta.get(ino).ok_or(FsError::NotFound)?.io.clone())
+    /// The lock that serialises data I/O of `ino` against its truncation
+    /// and reallocation. Striped: inodes share a fixed set of locks rather
+    /// than each carrying one. Never hold two at once.
+    fn io_lock(&self, ino: u64) -> &RwLock<()> {
+        &self.io_locks[(ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize % IO_LOCK_STRIPES]
     }
 
     // ----- namespace ------------------------------------------------------
@@ -1286,7 +1283,7 @@ impl Fs {
     /// Reads up to `buf.len()` bytes at `offset` into `buf`; short only at
     /// EOF. Holes and unwritten extents read as zeros.
     pub fn read_buf(&self, ino: u64, offset: u64, buf: &IoBuffer<'_>) -> Result<usize> {
-        let io = self.io_lock(ino)?;
+        let io = self.io_lock(ino);
         let _io = io.read();
         let (n, ranges, touch) = {
             let st = self.state.read();
@@ -1362,7 +1359,7 @@ impl Fs {
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::FileTooBig)?;
-        let io = self.io_lock(ino)?;
+        let io = self.io_lock(ino);
         let _io = io.write();
         let fb = offset / BS;
         let nblocks = (end - 1) / BS + 1 - fb;
@@ -1543,7 +1540,7 @@ impl Fs {
             .checked_add(len)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::FileTooBig)?;
-        let io = self.io_lock(ino)?;
+        let io = self.io_lock(ino);
         let _io = io.write();
         let mut st = self.state.write();
         let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
