@@ -40,7 +40,7 @@ fn tag(ino: u64) -> u8 {
 
 fn read_all(fs: &Fs, ino: u64) -> Vec<u8> {
     let size = fs.getattr(ino).unwrap().size;
-    fs.read(ino, 0, size as usize).unwrap()
+    fs.read(ino, 0, size as usize).unwrap().to_vec()
 }
 
 fn check_after_crash(img: Vec<u8>, durable: &HashMap<String, Vec<u8>>, seed: u64, point: usize) {
@@ -270,7 +270,7 @@ fn orphans_are_reclaimed_after_a_crash() {
     fs.write(a.ino, 0, &vec![1; 2 << 20]).unwrap();
     fs.unlink(ROOT_INO, b"tmp").unwrap();
     // Still open: the data lives.
-    assert_eq!(fs.read(a.ino, 0, 4).unwrap(), vec![1; 4]);
+    assert_eq!(&fs.read(a.ino, 0, 4).unwrap()[..], [1; 4]);
     fs.fsync(a.ino).unwrap();
     let img = dev.crash_image(|_, _, _| false);
     let dev2 = Arc::new(MemDevice::from_bytes(img));

@@ -6,7 +6,6 @@
 //! an aligned bounce buffer. The whole device is `flock`ed so that two
 //! daemons (or a daemon and fsck) never share it.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -15,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use super::{check_device_range, BlockDevice, DeviceError, Direction, IoBuffer, IoRange};
+use super::{
+    check_device_range, AlignedBuf, BlockDevice, DeviceError, Direction, IoBuffer, IoRange,
+    DIRECT_ALIGN,
+};
 
-const ALIGN: usize = 4096;
+const ALIGN: usize = DIRECT_ALIGN;
 
 /// How to open a device.
 #[derive(Debug, Clone, Copy)]
@@ -241,44 +243,6 @@ fn lock(file: &File, path: &Path, mode: OpenMode) -> Result<(), DeviceError> {
             warned = true;
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Heap memory aligned for O_DIRECT.
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> Self {
-        let layout = Layout::from_size_align(len.max(ALIGN), ALIGN).expect("layout");
-        // SAFETY: layout has nonzero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Self { ptr, len }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len.max(ALIGN), ALIGN).expect("layout");
-        // SAFETY: allocated in new() with this layout.
-        unsafe { dealloc(self.ptr, layout) };
     }
 }
 

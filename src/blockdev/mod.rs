@@ -14,7 +14,9 @@ pub mod file;
 pub mod mem;
 pub mod undo;
 
+use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 use thiserror::Error;
@@ -223,6 +225,74 @@ pub trait BlockDevice: Send + Sync {
                 len: buf.len(),
             }],
         )
+    }
+}
+
+/// Alignment that O_DIRECT transfers need for memory, offsets and lengths.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Zeroed heap memory aligned for O_DIRECT, so a transfer into it needs no
+/// bounce buffer.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only read.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> Self {
+        let cap = len.max(1).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let layout = Layout::from_size_align(cap, DIRECT_ALIGN).expect("layout");
+        // SAFETY: layout has nonzero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        Self { ptr, cap, len }
+    }
+
+    /// Shortens the visible length (the allocation stays).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Sets the visible length, up to the capacity (the bytes are whatever
+    /// the buffer last held, zero at first).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap, "AlignedBuf::set_len past capacity");
+        self.len = len;
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap >= len initialised (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.cap, DIRECT_ALIGN).expect("layout");
+        // SAFETY: allocated in new() with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) };
     }
 }
 

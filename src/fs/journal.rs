@@ -5,7 +5,7 @@
 //! is full, a checkpoint writes a whole snapshot to free data blocks and
 //! points the older header slot at it, which empties the log.
 
-use crate::blockdev::BlockDevice;
+use crate::blockdev::{AlignedBuf, BlockDevice};
 use crate::format::{
     encode_log_record, parse_log, salted_crc, CheckpointHeader, Decoder, Encoder, Record,
     Superblock, BLOCK_SIZE, CHECKPOINT_HEADER_BLOCKS, LOG_START_BLOCK,
@@ -219,7 +219,7 @@ fn replay_log(
     epoch: u64,
     meta: &mut Meta,
 ) -> Result<usize> {
-    let mut region = vec![0u8; (sb.log_blocks * BLOCK_SIZE) as usize];
+    let mut region = AlignedBuf::new((sb.log_blocks * BLOCK_SIZE) as usize);
     dev.read_at(LOG_START_BLOCK * BLOCK_SIZE, &mut region)?;
     let payloads = parse_log(&region, salt, epoch);
     for p in &payloads {

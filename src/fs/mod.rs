@@ -26,7 +26,7 @@ use std::time::Duration;
 use log::{error, info, warn};
 use parking_lot::{Mutex, RwLock};
 
-use crate::blockdev::{BlockDevice, Direction, IoBuffer, IoRange};
+use crate::blockdev::{AlignedBuf, BlockDevice, Direction, IoBuffer, IoRange};
 use crate::format::{
     self, InodeAttrs, Record, Superblock, BLOCK_SIZE, CHECKPOINT_HEADER_BLOCKS, LOG_START_BLOCK,
     MAX_FILE_SIZE, MAX_NAME_LEN, MIN_DEVICE_BLOCKS,
@@ -1337,8 +1337,37 @@ impl Fs {
         Ok(n)
     }
 
-    pub fn read(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; size];
+    /// Reads up to `size` bytes at `offset` and hands them (or the error)
+    /// to `f`, from a per-thread buffer that is reused: no allocation or
+    /// zeroing per request (`read_buf` writes every byte it returns).
+    pub fn read_with<T>(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: usize,
+        f: impl FnOnce(Result<&[u8]>) -> T,
+    ) -> T {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<AlignedBuf> =
+                std::cell::RefCell::new(AlignedBuf::new(0));
+        }
+        SCRATCH.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.capacity() < size {
+                *buf = AlignedBuf::new(size);
+            }
+            buf.set_len(size);
+            match self.read_buf(ino, offset, &IoBuffer::from_mut(&mut buf)) {
+                Ok(n) => f(Ok(&buf[..n])),
+                Err(e) => f(Err(e)),
+            }
+        })
+    }
+
+    /// Reads up to `size` bytes at `offset` into a new buffer, aligned so
+    /// the device can fill it without a bounce.
+    pub fn read(&self, ino: u64, offset: u64, size: usize) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::new(size);
         let n = self.read_buf(ino, offset, &IoBuffer::from_mut(&mut buf))?;
         buf.truncate(n);
         Ok(buf)

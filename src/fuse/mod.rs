@@ -458,10 +458,11 @@ impl fuser::Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, offset, size as usize) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(fail("read", e)),
-        }
+        self.fs
+            .read_with(ino.0, offset, size as usize, |r| match r {
+                Ok(d) => reply.data(d),
+                Err(e) => reply.error(fail("read", e)),
+            });
     }
 
     fn write(
