@@ -172,7 +172,8 @@ fn serve(
         MountOptions {
             read_only: opts.read_only,
             commit_interval: opts.commit,
-            noatime: opts.noatime,
+            atime: opts.atime,
+            nodiratime: opts.nodiratime,
         },
     )
     .map_err(|e| format!("cannot mount {}: {e}", source.display()))?;
@@ -183,7 +184,7 @@ fn serve(
         // kernel enforces permissions (default_permissions).
         allow_other: opts.allow_other.unwrap_or(nix::unistd::geteuid().is_root()),
         threads: opts.threads,
-        flags: opts.flags.clone(),
+        flags: kernel_flags(&opts.flags),
     };
     let direct = dev_direct;
     let tokens = Arc::new(tokens::Registry::new(tokens::probe(direct)));
@@ -225,6 +226,23 @@ fn serve(
     // Give the committer and logs a moment to drain before exit.
     std::thread::sleep(Duration::from_millis(1));
     Ok(())
+}
+
+/// The kernel flags of the mount. fuser defaults to nodev,nosuid; a root
+/// mount behaves like any other filesystem mounted by root (device nodes
+/// and setuid binaries work) unless asked otherwise.
+fn kernel_flags(asked: &[fuser::MountOption]) -> Vec<fuser::MountOption> {
+    use fuser::MountOption as M;
+    let mut flags = asked.to_vec();
+    if nix::unistd::geteuid().is_root() {
+        if !flags.contains(&M::NoDev) {
+            flags.push(M::Dev);
+        }
+        if !flags.contains(&M::NoSuid) {
+            flags.push(M::Suid);
+        }
+    }
+    flags
 }
 
 /// FUSE mounts start with the kernel's default 128 KiB readahead, which

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use fuser::MountOption;
 
+use crate::fs::AtimeMode;
+
 /// Parses "4096", "256M", "4G", "1GiB" into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -35,7 +37,8 @@ pub struct MountOpts {
     pub allow_other: Option<bool>,
     pub threads: usize,
     pub commit: Duration,
-    pub noatime: bool,
+    pub atime: AtimeMode,
+    pub nodiratime: bool,
     pub remount: bool,
     pub log: Option<PathBuf>,
     /// Crash tests only: keep an undo log of unflushed writes here.
@@ -53,7 +56,8 @@ impl Default for MountOpts {
             allow_other: None,
             threads: 4,
             commit: Duration::from_secs(5),
-            noatime: false,
+            atime: AtimeMode::Relative,
+            nodiratime: false,
             remount: false,
             log: None,
             test_undo_log: None,
@@ -74,13 +78,8 @@ const IGNORED: &[&str] = &[
     "owner",
     "_netdev",
     "nofail",
-    "atime",
-    "relatime",
-    "strictatime",
     "lazytime",
     "nolazytime",
-    "diratime",
-    "nodiratime",
     "async",
     "dev",
     "suid",
@@ -119,9 +118,13 @@ impl MountOpts {
                     o.commit = Duration::from_secs(secs);
                 }
                 "noatime" => {
-                    o.noatime = true;
+                    o.atime = AtimeMode::Never;
                     o.flags.push(MountOption::NoAtime);
                 }
+                "atime" | "relatime" => o.atime = AtimeMode::Relative,
+                "strictatime" => o.atime = AtimeMode::Strict,
+                "nodiratime" => o.nodiratime = true,
+                "diratime" => o.nodiratime = false,
                 "nosuid" => o.flags.push(MountOption::NoSuid),
                 "nodev" => o.flags.push(MountOption::NoDev),
                 "noexec" => o.flags.push(MountOption::NoExec),

@@ -43,6 +43,26 @@ impl Dir {
         self.entries.is_empty()
     }
 
+    pub fn cookie(&self, name: &[u8]) -> Option<u64> {
+        self.entries.get(name).map(|e| e.1)
+    }
+
+    /// Moves `name` to readdir position `cookie` (a free one): a rename
+    /// within a directory keeps the entry where it was, so a reader
+    /// walking the directory meanwhile never meets it twice.
+    pub fn move_to_cookie(&mut self, name: &[u8], cookie: u64) {
+        let Some(e) = self.entries.get_mut(name) else {
+            return;
+        };
+        if self.by_cookie.contains_key(&cookie) {
+            return;
+        }
+        if let Some(n) = self.by_cookie.remove(&e.1) {
+            e.1 = cookie;
+            self.by_cookie.insert(cookie, n);
+        }
+    }
+
     fn insert(&mut self, name: &[u8], ino: u64) {
         if let Some(e) = self.entries.get_mut(name) {
             e.0 = ino;

@@ -121,12 +121,25 @@ pub enum FallocMode {
     ZeroRange { keep_size: bool },
 }
 
+/// When reads update the access time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtimeMode {
+    /// relatime: when atime is older than mtime or ctime, or than a day.
+    Relative,
+    /// strictatime: on every access.
+    Strict,
+    /// noatime: never.
+    Never,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct MountOptions {
     pub read_only: bool,
     /// How often queued metadata is committed without an fsync.
     pub commit_interval: Duration,
-    pub noatime: bool,
+    pub atime: AtimeMode,
+    /// Directories never get atime updates.
+    pub nodiratime: bool,
 }
 
 impl Default for MountOptions {
@@ -134,7 +147,8 @@ impl Default for MountOptions {
         Self {
             read_only: false,
             commit_interval: Duration::from_secs(5),
-            noatime: false,
+            atime: AtimeMode::Relative,
+            nodiratime: false,
         }
     }
 }
@@ -627,9 +641,12 @@ impl Fs {
 
     fn child(meta: &Meta, parent: u64, name: &[u8]) -> Result<u64> {
         let p = meta.get(parent).ok_or(FsError::NotFound)?;
+        if name == b"." {
+            // Any inode: the kernel revalidates file handles this way.
+            return Ok(parent);
+        }
         let d = p.dir.as_ref().ok_or(FsError::NotDir)?;
         match name {
-            b"." => Ok(parent),
             b".." => Ok(p.attrs.parent),
             _ => d.get(name).ok_or(FsError::NotFound),
         }
@@ -763,6 +780,10 @@ impl Fs {
         Self::check_name(name)?;
         let p = st.meta.get(parent).ok_or(FsError::NotFound)?;
         let dir = p.dir.as_ref().ok_or(FsError::NotDir)?;
+        if p.attrs.nlink == 0 {
+            // Removed while open: nothing can be created in it.
+            return Err(FsError::NotFound);
+        }
         if dir.get(name).is_some() {
             return Err(FsError::Exists);
         }
@@ -1088,6 +1109,10 @@ impl Fs {
             }
             (_, None) => {}
         }
+        let position = st
+            .meta
+            .get(parent)
+            .and_then(|p| p.dir.as_ref()?.cookie(name));
         self.log(
             &mut st,
             Record::DirRemove {
@@ -1103,6 +1128,11 @@ impl Fs {
                 ino: src,
             },
         );
+        if let (true, Some(cookie)) = (parent == new_parent, position) {
+            if let Some(d) = st.meta.get_mut(parent).and_then(|p| p.dir.as_mut()) {
+                d.move_to_cookie(new_name, cookie);
+            }
+        }
         self.reparent(&mut st, src, parent, new_parent, now);
         self.touch_dirs(&mut st, &[parent, new_parent], now);
         Ok(())
@@ -1162,12 +1192,27 @@ impl Fs {
         &self,
         ino: u64,
         offset: u64,
-        mut f: impl FnMut(DirEntry<'_>) -> bool,
+        f: impl FnMut(DirEntry<'_>) -> bool,
     ) -> Result<()> {
+        let touch = self.list_dir(ino, offset, f)?;
+        if touch {
+            self.touch_atime(ino);
+        }
+        Ok(())
+    }
+
+    /// readdir's walk; returns whether the directory's atime is due.
+    fn list_dir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut f: impl FnMut(DirEntry<'_>) -> bool,
+    ) -> Result<bool> {
         let st = self.state.read();
         let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
         let d = i.dir.as_ref().ok_or(FsError::NotDir)?;
         let parent = i.attrs.parent;
+        let due = self.atime_due(&i.attrs);
         if offset < 1
             && f(DirEntry {
                 ino,
@@ -1176,7 +1221,7 @@ impl Fs {
                 name: b".",
             })
         {
-            return Ok(());
+            return Ok(due);
         }
         if offset < 2
             && f(DirEntry {
@@ -1186,7 +1231,7 @@ impl Fs {
                 name: b"..",
             })
         {
-            return Ok(());
+            return Ok(due);
         }
         for (&cookie, name) in d.by_cookie.range(offset.max(FIRST_COOKIE - 1) + 1..) {
             let child = d.entries[name].0;
@@ -1204,7 +1249,7 @@ impl Fs {
                 break;
             }
         }
-        Ok(())
+        Ok(due)
     }
 
     pub fn statfs(&self) -> StatFs {
@@ -1243,16 +1288,23 @@ impl Fs {
         fh
     }
 
-    pub fn open(&self, ino: u64, readable: bool, writable: bool) -> Result<u64> {
+    /// Opens `ino` (a file or a directory). Returns the handle and whether
+    /// the kernel may keep its cached pages: not when a read through this
+    /// open should update the atime, since cached reads never reach here.
+    pub fn open(&self, ino: u64, readable: bool, writable: bool) -> Result<(u64, bool)> {
         if writable {
             self.writable()?;
         }
         let mut st = self.state.write();
-        let kind = st.meta.get(ino).ok_or(FsError::NotFound)?.attrs.kind;
-        if kind == Kind::Dir && writable {
+        let attrs = &st.meta.get(ino).ok_or(FsError::NotFound)?.attrs;
+        if attrs.kind == Kind::Dir && writable {
             return Err(FsError::IsDir);
         }
-        Ok(Self::new_handle(&mut st, ino, readable, writable))
+        let keep_cache = !(readable && self.atime_due(attrs));
+        Ok((
+            Self::new_handle(&mut st, ino, readable, writable),
+            keep_cache,
+        ))
     }
 
     pub fn handle(&self, fh: u64) -> Result<OpenFile> {
@@ -1317,24 +1369,42 @@ impl Fs {
                     _ => buf.zero((s - offset) as usize, (e - s) as usize)?,
                 }
             }
-            let a = &i.attrs;
-            let touch = !self.opts.read_only
-                && !self.opts.noatime
-                && (a.atime <= a.mtime
-                    || a.atime <= a.ctime
-                    || Timespec::now().sec - a.atime.sec > 24 * 3600);
-            (n as usize, ranges, touch)
+            (n as usize, ranges, self.atime_due(&i.attrs))
         };
         self.dev.submit(Direction::Read, buf, &ranges)?;
-        if touch && self.writable().is_ok() {
-            let mut st = self.state.write();
-            if let Some(i) = st.meta.get(ino) {
-                let mut a = i.attrs.clone();
-                a.atime = Timespec::now();
-                self.log(&mut st, Record::Inode(a));
-            }
+        if touch {
+            self.touch_atime(ino);
         }
         Ok(n)
+    }
+
+    /// Whether an access now should update the atime (per the mount's
+    /// atime mode; relatime: atime not newer than mtime/ctime, or a day old).
+    fn atime_due(&self, a: &InodeAttrs) -> bool {
+        if self.opts.read_only
+            || (a.kind == Kind::Dir && self.opts.nodiratime)
+            || self.broken.load(Ordering::SeqCst)
+        {
+            return false;
+        }
+        match self.opts.atime {
+            AtimeMode::Never => false,
+            AtimeMode::Strict => true,
+            AtimeMode::Relative => {
+                a.atime <= a.mtime
+                    || a.atime <= a.ctime
+                    || Timespec::now().sec - a.atime.sec > 24 * 3600
+            }
+        }
+    }
+
+    fn touch_atime(&self, ino: u64) {
+        let mut st = self.state.write();
+        if let Some(i) = st.meta.get(ino) {
+            let mut a = i.attrs.clone();
+            a.atime = Timespec::now();
+            self.log(&mut st, Record::Inode(a));
+        }
     }
 
     /// Reads up to `size` bytes at `offset` and hands them (or the error)
@@ -1380,6 +1450,23 @@ impl Fs {
 
     /// Writes all of `data` at `offset`, allocating blocks as needed.
     pub fn write_buf(&self, ino: u64, offset: u64, data: &IoBuffer<'_>) -> Result<usize> {
+        self.retry_when_full(|| self.write_once(ino, offset, data))
+    }
+
+    /// Runs `op`; if the device was full but blocks freed since the last
+    /// commit are waiting for their records to be durable, commits (which
+    /// releases them) and runs it once more.
+    fn retry_when_full<T>(&self, op: impl Fn() -> Result<T>) -> Result<T> {
+        match op() {
+            Err(FsError::NoSpace) if !self.state.read().pending_free.is_empty() => {
+                self.commit()?;
+                op()
+            }
+            r => r,
+        }
+    }
+
+    fn write_once(&self, ino: u64, offset: u64, data: &IoBuffer<'_>) -> Result<usize> {
         self.writable()?;
         if data.is_empty() {
             return Ok(0);
@@ -1560,7 +1647,27 @@ impl Fs {
         self.commit()
     }
 
-    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: FallocMode) -> Result<()> {
+    /// fallocate(2). Like a write, it drops setuid (and group-executable
+    /// setgid) when the caller is not root.
+    pub fn fallocate(
+        &self,
+        caller: Caller,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        mode: FallocMode,
+    ) -> Result<()> {
+        self.retry_when_full(|| self.fallocate_once(caller, ino, offset, len, mode))
+    }
+
+    fn fallocate_once(
+        &self,
+        caller: Caller,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        mode: FallocMode,
+    ) -> Result<()> {
         self.writable()?;
         if len == 0 {
             return Err(FsError::Invalid("zero length"));
@@ -1642,6 +1749,12 @@ impl Fs {
             }
         }
         a.ctime = now;
+        if caller.uid != 0 {
+            a.perm &= !(libc::S_ISUID as u16);
+            if a.perm & libc::S_IXGRP as u16 != 0 {
+                a.perm &= !(libc::S_ISGID as u16);
+            }
+        }
         self.log(&mut st, Record::Inode(a));
         Ok(())
     }

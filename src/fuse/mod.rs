@@ -30,9 +30,17 @@ use crate::fs::{
 use crate::tokens::{Registry, TokenError};
 use crate::uapi::{self, DecodeError, Request as Ioctl};
 
-// Files open with FOPEN_KEEP_CACHE: every change reaches the file through
-// this mount, and token writes invalidate what they change, so the
-// kernel's page cache stays valid across opens.
+/// Files open with FOPEN_KEEP_CACHE when the fs allows: every change
+/// reaches the file through this mount and token writes invalidate what
+/// they change, so the page cache stays valid across opens; only a due
+/// atime update needs the next read to come here.
+fn cache_flags(keep_cache: bool) -> FopenFlags {
+    if keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
+}
 
 /// How long the kernel may cache attributes and names. Every change goes
 /// through this mount, so the kernel's own invalidation keeps it right.
@@ -283,6 +291,9 @@ impl FuseFs {
 impl fuser::Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
+        // File handles (open_by_handle_at, NFS export): inode numbers are
+        // never reused, and lookup(ino, ".") revalidates them.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
         Ok(())
     }
 
@@ -442,9 +453,28 @@ impl fuser::Filesystem for FuseFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (r, w) = access(flags);
         match self.fs.open(ino.0, r, w) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, keep_cache)) => reply.opened(FileHandle(fh), cache_flags(keep_cache)),
             Err(e) => reply.error(fail("open", e)),
         }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // A handle keeps a removed directory alive until it is closed.
+        match self.fs.open(ino.0, true, false) {
+            Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(fail("opendir", e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.fs.release(fh.0), "releasedir");
     }
 
     fn read(
@@ -694,7 +724,7 @@ impl fuser::Filesystem for FuseFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -711,7 +741,7 @@ impl fuser::Filesystem for FuseFs {
         };
         reply_empty(
             reply,
-            self.fs.fallocate(ino.0, offset, length, m),
+            self.fs.fallocate(caller(req), ino.0, offset, length, m),
             "fallocate",
         );
     }

@@ -1,0 +1,257 @@
+//! POSIX behaviour the real xfstests run asked for: atime modes, removed
+//! directories that are still open, file handles, readdir during renames,
+//! privilege dropping on fallocate, device nodes, and reuse of freed space.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use common::{as_user, cpath, Image, USER_A};
+
+fn atime(p: &std::path::Path) -> (i64, i64) {
+    let m = fs::metadata(p).unwrap();
+    (m.atime(), m.atime_nsec())
+}
+
+#[test]
+fn relatime_and_strictatime() {
+    let img = Image::new("64M");
+    let mut m = img.mount();
+    let p = m.join("f");
+    fs::write(&p, b"data").unwrap();
+    // relatime: a read after a write (atime <= mtime) updates atime...
+    std::thread::sleep(Duration::from_millis(20));
+    let before = atime(&p);
+    fs::read(&p).unwrap();
+    let after = atime(&p);
+    assert!(
+        after > before,
+        "relatime: read after write did not update atime"
+    );
+    // ...but a second read does not.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::read(&p).unwrap();
+    assert_eq!(atime(&p), after, "relatime: atime moved on a second read");
+    // Writing again makes the next read update it, even with pages cached.
+    OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"more")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    fs::read(&p).unwrap();
+    assert!(
+        atime(&p) > after,
+        "relatime: read after a second write kept the old atime"
+    );
+    // strictatime: every read.
+    m.unmount();
+    m.mount_with(Some("strictatime"));
+    let p = m.join("f");
+    for _ in 0..2 {
+        let t = atime(&p);
+        std::thread::sleep(Duration::from_millis(20));
+        fs::read(&p).unwrap();
+        assert!(atime(&p) > t, "strictatime: read did not update atime");
+    }
+    // noatime: never.
+    m.unmount();
+    m.mount_with(Some("noatime"));
+    let p = m.join("f");
+    let t = atime(&p);
+    OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    fs::read(&p).unwrap();
+    assert_eq!(atime(&p), t, "noatime: atime changed");
+}
+
+#[test]
+fn removed_directory_stays_usable_while_open() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    fs::create_dir(m.join("a")).unwrap();
+    fs::create_dir(m.join("b")).unwrap();
+    let d = File::open(m.join("b")).unwrap();
+    // Rename a over b: b's inode is gone from the tree but still open.
+    fs::rename(m.join("a"), m.join("b")).unwrap();
+    let meta = d.metadata().expect("fstat of an open, replaced directory");
+    assert_eq!(meta.nlink(), 0);
+    // Nothing can be created in it.
+    let c = CString::new("x").unwrap();
+    // SAFETY: openat on an open directory fd with a valid name.
+    let r = unsafe {
+        libc::openat(
+            d.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o644,
+        )
+    };
+    assert_eq!(r, -1);
+    drop(d);
+    drop(m);
+    img.assert_fsck_clean();
+}
+
+#[test]
+fn file_handles_open_by_handle_at() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    fs::create_dir(m.join("d")).unwrap();
+    fs::write(m.join("d/f"), b"by handle").unwrap();
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; 128],
+    }
+    let mut h = Handle {
+        bytes: 128,
+        kind: 0,
+        data: [0; 128],
+    };
+    let mut mount_id = 0;
+    let path = cpath(m.join("d/f"));
+    // SAFETY: a valid path and a handle buffer of the declared size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &mut h,
+            &mut mount_id,
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "name_to_handle_at: {}",
+        std::io::Error::last_os_error()
+    );
+    let root = File::open(m.path()).unwrap();
+    // SAFETY: the handle filled above; a directory fd on the same mount.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            root.as_raw_fd(),
+            &h,
+            libc::O_RDONLY,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "open_by_handle_at: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd we own.
+    let f = unsafe { File::from_raw_fd(fd as i32) };
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut &f, &mut s).unwrap();
+    assert_eq!(s, "by handle");
+}
+
+#[test]
+fn readdir_while_renaming_in_place_sees_each_entry_once() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    let d = m.join("d");
+    fs::create_dir(&d).unwrap();
+    for i in 0..2000 {
+        File::create(d.join(format!("f{i:04}"))).unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut count = 0;
+    for e in fs::read_dir(&d).unwrap() {
+        let name = e.unwrap().file_name();
+        count += 1;
+        assert!(count <= 2000, "readdir returned more entries than exist");
+        assert!(seen.insert(name.clone()), "{name:?} returned twice");
+        fs::rename(d.join(&name), d.join("TEMPFILE")).unwrap();
+        fs::rename(d.join("TEMPFILE"), d.join(&name)).unwrap();
+    }
+    assert_eq!(count, 2000);
+}
+
+#[test]
+fn fallocate_by_non_root_drops_setuid() {
+    let img = Image::new("64M");
+    let m = img.mount_with("allow_other");
+    let dir = m.join("shared");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let p = dir.join("f");
+    let pc = p.clone();
+    as_user(USER_A.0, USER_A.1, move || {
+        File::create(&pc)?.write_all(b"x")?;
+        fs::set_permissions(&pc, fs::Permissions::from_mode(0o6775))
+    })
+    .unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o6775);
+    let pc = p.clone();
+    as_user(USER_A.0, USER_A.1, move || {
+        let f = OpenOptions::new().write(true).open(&pc)?;
+        // SAFETY: plain syscall on an open fd.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 8192) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        fs::metadata(&p).unwrap().mode() & 0o7777,
+        0o775,
+        "setuid/setgid survived fallocate"
+    );
+}
+
+#[test]
+fn device_nodes_work_on_a_root_mount() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    let p = cpath(m.join("null"));
+    // SAFETY: a valid path; makedev(1, 3) is /dev/null.
+    let r = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(m.join("null"))
+        .expect("open a device node (nodev?)");
+    f.write_all(b"into the void").unwrap();
+}
+
+#[test]
+fn freed_space_is_reusable_at_once() {
+    let img = Image::new("128M");
+    let m = img.mount_with("commit=3600");
+    let big = vec![7u8; 1 << 20];
+    for round in 0..3 {
+        // Fill the device, delete everything, fill it again right away:
+        // the freed blocks must not wait for the periodic commit.
+        let mut n = 0;
+        loop {
+            let r =
+                File::create(m.join(format!("f{round}-{n}"))).and_then(|mut f| f.write_all(&big));
+            match r {
+                Ok(()) => n += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert!(n > 80, "round {round}: only {n} MiB fit");
+        for i in 0..=n {
+            let _ = fs::remove_file(m.join(format!("f{round}-{i}")));
+        }
+    }
+}
