@@ -263,7 +263,7 @@ fn raise_readahead(mountpoint: &Path) {
         let f: Vec<&str> = l.split_whitespace().collect();
         let ours = f.len() > 4
             && Path::new(&f[4].replace("\\040", " ")) == mp
-            && l.contains(" - fuse.dmabuf-fs ");
+            && (l.contains(" - fuse ") || l.contains(" - fuse.dmabuf-fs "));
         ours.then(|| f[2].to_string())
     });
     let Some(dev) = dev else {
@@ -287,11 +287,11 @@ pub fn remount(mountpoint: &Path, opts: &MountOpts) -> Result<(), String> {
         let _src = f.next();
         let dir = f.next().unwrap_or("").replace("\\040", " ");
         let ty = f.next().unwrap_or("");
-        Path::new(&dir) == mp && ty == "fuse.dmabuf-fs"
+        Path::new(&dir) == mp && (ty == "fuse" || ty == "fuse.dmabuf-fs")
     });
     if !ours {
         return Err(format!(
-            "{} is not a mounted dmabuf-fs: nothing to remount",
+            "{} is not a FUSE mount: nothing to remount",
             mp.display()
         ));
     }

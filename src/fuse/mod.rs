@@ -73,12 +73,11 @@ pub fn mount(
     cfg: &MountConfig,
 ) -> io::Result<Session<FuseFs>> {
     let mut opts = vec![
+        // The source names the image (findmnt -S IMAGE). No subtype: the
+        // type reads plain "fuse", which is what xfstests' FSTYP=fuse
+        // compares df -T with; `mount -t fuse.dmabuf-fs` still finds the
+        // helper by its name.
         MountOption::FSName(cfg.fsname.clone()),
-        MountOption::Subtype("dmabuf-fs".into()),
-        // fuser mounts directly as root and drops Subtype; the kernel
-        // takes it as a plain option, so `mount -t fuse.dmabuf-fs` and
-        // /proc/mounts agree.
-        MountOption::CUSTOM("subtype=dmabuf-fs".into()),
         // The kernel checks permissions from mode/uid/gid, as on ext4.
         MountOption::DefaultPermissions,
         if cfg.read_only {
