@@ -429,6 +429,23 @@ fn io_errors_and_their_order() {
         libc::EBADF,
         "stale token",
     );
+    // READ's number with a 32-byte size (a client built against another
+    // struct layout) is not READ: ENOTTY, like any unknown command.
+    let mut short = [0u64; 4];
+    let wrong_size = (uapi::IOC_READ_CMD & !(0x3fff << 16)) | (32 << 16);
+    // SAFETY: the kernel copies 32 bytes in and out of `short`.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            wrong_size as libc::c_ulong,
+            short.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
     // Unknown ioctl on the file: ENOTTY; daemon keeps serving.
     let mut junk = [0u64; 4];
     // SAFETY: a command the daemon does not know; 32 bytes of arg.
