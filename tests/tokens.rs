@@ -266,6 +266,12 @@ fn register_errors() {
     assert_errno(register_raw(&f, pipe[0], 0, 0), libc::EINVAL, "pipe");
     assert_errno(register_raw(&f, 987_654, 0, 0), libc::EBADF, "fd not open");
     assert_errno(register_raw(&f, -1, 0, 0), libc::EBADF, "negative fd");
+    // A token on a directory: nothing to move data to or from.
+    assert_errno(
+        register_raw(&dir, fd, 0, 0),
+        libc::EOPNOTSUPP,
+        "directory target",
+    );
 
     // A window inside the buffer works, and tokens are unique and nonzero.
     let t1 = register_raw(&f, fd, 4096, 4096).unwrap();

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use thiserror::Error;
 
 use crate::blockdev::IoBuffer;
-use crate::fs::{Fs, FsError};
+use crate::fs::{Fs, FsError, Kind};
 use crate::uapi::{self, Counters};
 
 pub use backend::probe;
@@ -153,6 +153,11 @@ impl Registry {
             ));
         }
         let of = fs.handle(fh).map_err(|_| TokenError::BadFile)?;
+        if fs.getattr(of.ino)?.kind != Kind::File {
+            // As the kernel series answers for a file without dmabuf
+            // support: only regular files move data.
+            return Err(TokenError::NotSupported);
+        }
         let fd = buffer::take_fd(tid, req.buf_fd)?;
         let buf = buffer::map(fd)?;
         let total = buf.len() as u64;

@@ -22,7 +22,8 @@
  *   EFAULT      len == 0, or the buffer range lies outside the token window
  *   EACCES      READ into a buffer that could only be mapped read-only
  *               (e.g. a write-sealed memfd)
- *   EOPNOTSUPP  a dmabuf the active backend cannot reach
+ *   EOPNOTSUPP  a dmabuf the active backend cannot reach; REGISTER on
+ *               something other than a regular file (a directory)
  *   EPERM       the daemon may not take the caller's fd (pid namespace,
  *               ptrace rules)
  *   EFBIG       WRITE past the maximum file size
