@@ -214,6 +214,27 @@ fn fallocate_by_non_root_drops_setuid() {
         0o775,
         "setuid/setgid survived fallocate"
     );
+    // A root-owned setgid file, not group-executable, punched by a user
+    // outside its group: setgid goes too, and stat shows it at once.
+    let q = dir.join("g");
+    File::create(&q).unwrap().write_all(&[1; 8192]).unwrap();
+    fs::set_permissions(&q, fs::Permissions::from_mode(0o6666)).unwrap();
+    let qc = q.clone();
+    as_user(USER_A.0, USER_A.1, move || {
+        let f = OpenOptions::new().write(true).open(&qc)?;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: plain syscall on an open fd.
+        if unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 4096) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        fs::metadata(&q).unwrap().mode() & 0o7777,
+        0o666,
+        "setgid survived a punch by a non-member"
+    );
 }
 
 #[test]

@@ -1647,8 +1647,8 @@ impl Fs {
         self.commit()
     }
 
-    /// fallocate(2). Like a write, it drops setuid (and group-executable
-    /// setgid) when the caller is not root.
+    /// fallocate(2). Like a write, it drops setuid (and setgid, see below)
+    /// when the caller is not root.
     pub fn fallocate(
         &self,
         caller: Caller,
@@ -1750,8 +1750,11 @@ impl Fs {
         }
         a.ctime = now;
         if caller.uid != 0 {
+            // As setattr_should_drop_sgid: setgid goes when group-exec is
+            // set or the caller is not in the file's group (FUSE tells us
+            // only the primary group).
             a.perm &= !(libc::S_ISUID as u16);
-            if a.perm & libc::S_IXGRP as u16 != 0 {
+            if a.perm & libc::S_IXGRP as u16 != 0 || caller.gid != a.gid {
                 a.perm &= !(libc::S_ISGID as u16);
             }
         }

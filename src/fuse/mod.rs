@@ -264,8 +264,26 @@ impl FuseFs {
             then();
         });
         if let Err(mpsc::SendError(job)) = self.deferred.send(job) {
-            // The invalidation thread is gone (unmounting): reply anyway.
+            // The invalidation thread is gone (the session is ending): the
+            // dropped reply answers EIO rather than leaving the caller
+            // waiting.
             drop(job);
+        }
+    }
+
+    /// Drops the kernel's cached attributes of `ino` (no pages), then
+    /// runs `then`: for changes the kernel cannot see in a reply.
+    fn invalidate_attrs_then(&self, ino: u64, then: impl FnOnce() + Send + 'static) {
+        let job: Deferred = Box::new(move |n: &Notifier| {
+            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    warn!("invalidating the attributes of inode {ino}: {e}");
+                }
+            }
+            then();
+        });
+        if let Err(mpsc::SendError(job)) = self.deferred.send(job) {
+            drop(job); // answers EIO, as above
         }
     }
 
@@ -738,11 +756,12 @@ impl fuser::Filesystem for FuseFs {
             libc::FALLOC_FL_ZERO_RANGE => FallocMode::ZeroRange { keep_size },
             _ => return reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
         };
-        reply_empty(
-            reply,
-            self.fs.fallocate(caller(req), ino.0, offset, length, m),
-            "fallocate",
-        );
+        match self.fs.fallocate(caller(req), ino.0, offset, length, m) {
+            // It may have dropped setuid/setgid and moved ctime, which the
+            // kernel's cached attributes would otherwise hide for a while.
+            Ok(()) => self.invalidate_attrs_then(ino.0, move || reply.ok()),
+            Err(e) => reply.error(fail("fallocate", e)),
+        }
     }
 
     fn lseek(
