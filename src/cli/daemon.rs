@@ -10,7 +10,6 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use log::{error, info};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
@@ -222,10 +221,7 @@ fn serve(
     if let Err(e) = &served {
         error!("FUSE session ended with an error: {e}");
     }
-    closed.map_err(|e| format!("final commit failed: {e}"))?;
-    // Give the committer and logs a moment to drain before exit.
-    std::thread::sleep(Duration::from_millis(1));
-    Ok(())
+    closed.map_err(|e| format!("final commit failed: {e}"))
 }
 
 /// The kernel flags of the mount. fuser defaults to nodev,nosuid; a root

@@ -334,12 +334,7 @@ impl Fs {
         }
         let alloc = check::build_allocator(&sb, &loaded.meta, &loaded.checkpoint).0;
         let replayed = loaded.replayed;
-        let mut journal = Journal::new(&sb, loaded.checkpoint);
-        if replayed > 0 && opts.read_only {
-            // Continue the epoch after the replayed records is never
-            // needed read-only; nothing will be written.
-            journal.disk_lsn = replayed as u64;
-        }
+        let journal = Journal::new(&sb, loaded.checkpoint);
         let fs = Arc::new(Fs {
             dev,
             sb,
