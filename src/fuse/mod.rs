@@ -243,10 +243,6 @@ fn reply_xattr(reply: ReplyXattr, r: Result<Vec<u8>, FsError>, size: u32, op: &s
 }
 
 impl FuseFs {
-    fn fs_ino(&self, fh: u64) -> u64 {
-        self.fs.handle(fh).map(|h| h.ino).unwrap_or(0)
-    }
-
     /// Drops the kernel's cached pages (and attributes) of each written
     /// (ino, offset, len), then runs `then` (the reply), off this thread.
     fn invalidate_then(&self, ranges: &[(u64, u64, u64)], then: impl FnOnce() + Send + 'static) {
@@ -263,12 +259,14 @@ impl FuseFs {
             }
             then();
         });
-        if let Err(mpsc::SendError(job)) = self.deferred.send(job) {
-            // The invalidation thread is gone (the session is ending): the
-            // dropped reply answers EIO rather than leaving the caller
-            // waiting.
-            drop(job);
-        }
+        self.defer(job);
+    }
+
+    /// Hands `job` to the invalidation thread. If it is gone (the session
+    /// is ending), the job and the reply in it are dropped, and a dropped
+    /// reply answers EIO rather than leaving the caller waiting.
+    fn defer(&self, job: Deferred) {
+        let _ = self.deferred.send(job);
     }
 
     /// Drops the kernel's cached attributes of `ino` (no pages), then
@@ -282,9 +280,7 @@ impl FuseFs {
             }
             then();
         });
-        if let Err(mpsc::SendError(job)) = self.deferred.send(job) {
-            drop(job); // answers EIO, as above
-        }
+        self.defer(job);
     }
 
     fn invalidate(fs: &Fs, n: &Notifier, ino: u64, off: u64, len: u64) -> io::Result<()> {
@@ -711,11 +707,11 @@ impl fuser::Filesystem for FuseFs {
                 let write = cmd == uapi::IOC_WRITE_CMD;
                 let r = Registry::request(&io, write).and_then(|q| tokens.io(fs, fh, &q));
                 match r {
-                    Ok(n) => {
-                        io.transferred = n;
+                    Ok(m) => {
+                        io.transferred = m.bytes;
                         let bytes = io.as_bytes().to_vec();
-                        if write && n > 0 {
-                            let range = [(self.fs_ino(fh), io.file_offset, n)];
+                        if write && m.bytes > 0 {
+                            let range = [(m.ino, io.file_offset, m.bytes)];
                             self.invalidate_then(&range, move || reply.ioctl(0, &bytes));
                         } else {
                             reply.ioctl(0, &bytes);

@@ -103,6 +103,14 @@ pub struct Registry {
     backend: Backend,
 }
 
+/// What a READ or WRITE did: bytes moved, and the inode they moved in
+/// or out of (for the page-cache invalidation that must follow a WRITE).
+#[derive(Debug, Clone, Copy)]
+pub struct Moved {
+    pub bytes: u64,
+    pub ino: u64,
+}
+
 /// One READ or WRITE as the caller asked for it.
 #[derive(Debug, Clone, Copy)]
 pub struct IoRequest {
@@ -225,9 +233,8 @@ impl Registry {
         })
     }
 
-    /// READ or WRITE through a token of open file `fh`; returns the bytes
-    /// moved.
-    pub fn io(&self, fs: &Fs, fh: u64, req: &IoRequest) -> Result<u64, TokenError> {
+    /// READ or WRITE through a token of open file `fh`.
+    pub fn io(&self, fs: &Fs, fh: u64, req: &IoRequest) -> Result<Moved, TokenError> {
         let token = self
             .inner
             .lock()
@@ -255,7 +262,10 @@ impl Registry {
         };
         count(&mut token.counters.lock());
         count(self.inner.lock().files.entry(token.ino).or_default());
-        r
+        r.map(|bytes| Moved {
+            bytes,
+            ino: token.ino,
+        })
     }
 
     fn io_with(&self, fs: &Fs, fh: u64, token: &Token, req: &IoRequest) -> Result<u64, TokenError> {
@@ -328,13 +338,12 @@ impl Registry {
                     len: op.len,
                     write,
                 };
-                self.io(fs, fh, &req).map(|n| (n, req))
+                self.io(fs, fh, &req)
             };
             match r {
-                Ok((n, req)) => {
-                    op.result = n as i64;
-                    let ino = self.token_ino(req.token)?;
-                    (write && n > 0).then_some((ino, req.file_offset, n))
+                Ok(m) => {
+                    op.result = m.bytes as i64;
+                    (write && m.bytes > 0).then_some((m.ino, op.file_offset, m.bytes))
                 }
                 Err(e) => {
                     op.result = -(e.errno() as i64);
@@ -356,10 +365,6 @@ impl Registry {
                 .collect()
         });
         Ok(written)
-    }
-
-    fn token_ino(&self, token: u64) -> Option<u64> {
-        self.inner.lock().tokens.get(&token).map(|t| t.ino)
     }
 
     /// STATS: the file's totals (token 0) or one token of this open file.
