@@ -53,6 +53,23 @@ fn fill_memfd(mut m: &File, data: &[u8]) {
     m.write_all(data).unwrap();
 }
 
+/// Whether this run forces the kernel backend (DMABUF_FS_TEST_TOKENS).
+fn kernel_forced() -> bool {
+    common::forced_token_backend().as_deref() == Some("kernel")
+}
+
+/// Checks that aligned token I/O took the path the backend promises:
+/// io_uring fixed buffers under the kernel backend, never a bounce for a
+/// memfd under the mapped one.
+fn assert_path_of_aligned_io(s: &Stats, backend: u32) {
+    if backend == uapi::BACKEND_KERNEL {
+        assert_eq!(s.path, uapi::PATH_KERNEL, "{s:?}");
+        assert!(s.c.kernel_ops > 0, "no READ_FIXED/WRITE_FIXED: {:?}", s.c);
+    } else {
+        assert_eq!(s.c.kernel_ops, 0, "{:?}", s.c);
+    }
+}
+
 #[test]
 fn read_and_write_round_trip_against_ordinary_io() {
     let img = Image::new("256M");
@@ -93,6 +110,52 @@ fn read_and_write_round_trip_against_ordinary_io() {
     assert_eq!(s.buf_kind, uapi::BUF_MEMFD);
     assert!(s.c.read_ops >= 4 && s.c.write_ops == 2, "{:?}", s.c);
     assert_eq!(s.c.write_bytes, (1 << 20) + 5000);
+    assert_path_of_aligned_io(&s, f.info().unwrap().backend);
+}
+
+#[test]
+fn kernel_backend_moves_memfd_tokens_with_fixed_buffers() {
+    // tokens=kernel works on any kernel with io_uring for memfds (pinned
+    // user memory in the rings' buffer tables); dmabufs need the series.
+    let img = Image::new("128M");
+    let m = img.mount_with("tokens=kernel");
+    let data = pseudo_random(41, 2 << 20);
+    write_file(&m.join("f"), &data);
+    let f = TokenFile::open(&m.join("f"), true).unwrap();
+    let i = f.info().unwrap();
+    assert_eq!(i.backend, uapi::BACKEND_KERNEL, "{}", i.reason());
+    println!("INFO: backend {} ({})", i.backend, i.reason());
+    let buf = sealed_memfd("k", 2 << 20).unwrap();
+    let t = f.register(&buf, 0, 0).unwrap();
+    assert_eq!(t.read(0, 0, 2 << 20).unwrap(), 2 << 20);
+    assert_eq!(memfd_bytes(&buf, 2 << 20), data);
+    let new = pseudo_random(42, 1 << 20);
+    fill_memfd(&buf, &new);
+    assert_eq!(t.write(4096, 0, 1 << 20).unwrap(), 1 << 20);
+    let out = Command::new("cat").arg(m.join("f")).output().unwrap();
+    assert_eq!(&out.stdout[4096..4096 + (1 << 20)], &new[..]);
+    let s = t.stats().unwrap();
+    assert_path_of_aligned_io(&s, uapi::BACKEND_KERNEL);
+    assert_eq!(s.c.kernel_ops, 2, "{:?}", s.c);
+    assert_eq!(s.c.fallback_ops, 0, "{:?}", s.c);
+    // Unaligned: the middle still goes down fixed, the edges bounce.
+    assert_eq!(t.read(100, 100, 3 * 4096).unwrap(), 3 * 4096);
+    let mut want = vec![0u8; 3 * 4096];
+    File::open(m.join("f"))
+        .unwrap()
+        .read_exact_at(&mut want, 100)
+        .unwrap();
+    assert_eq!(memfd_bytes(&buf, 100 + 3 * 4096)[100..], want[..]);
+    let s = t.stats().unwrap();
+    assert_eq!(
+        (s.c.kernel_ops, s.c.fallback_ops, s.c.unaligned_ops),
+        (3, 1, 1)
+    );
+    if i.features & uapi::FEAT_DMABUF == 0 {
+        assert!(i.reason().contains("memfds only"), "{}", i.reason());
+    }
+    drop(t);
+    assert_eq!(f.stats(0).unwrap().live_tokens, 0);
 }
 
 #[test]
@@ -722,6 +785,9 @@ fn info_reports_the_backend() {
     assert!(i.features & uapi::FEAT_BATCH != 0);
     assert!(!i.reason().is_empty());
     println!("backend {} ({})", i.backend, i.reason());
+    if kernel_forced() {
+        assert_eq!(i.backend, uapi::BACKEND_KERNEL, "{}", i.reason());
+    }
     let out = common::fs_cmd(&[std::ffi::OsStr::new("info"), m.join("f").as_os_str()]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("abi version:  1"));
@@ -913,7 +979,23 @@ fn real_dmabufs_need_an_exporter() {
     let t = f.register(&dmabuf, 0, 0).unwrap();
     assert_eq!(t.read(0, 0, 65536).unwrap(), 65536);
     assert_eq!(memfd_bytes(&mem, 65536), pseudo_random(9, 65536));
-    assert_eq!(t.stats().unwrap().buf_kind, uapi::BUF_DMABUF);
+    // And back into the file at another place, through the same token.
+    assert_eq!(t.write(1 << 20, 0, 65536).unwrap(), 65536);
+    let mut back = vec![0u8; 65536];
+    File::open(m.join("f"))
+        .unwrap()
+        .read_exact_at(&mut back, 1 << 20)
+        .unwrap();
+    assert_eq!(back, pseudo_random(9, 65536));
+    let s = t.stats().unwrap();
+    assert_eq!(s.buf_kind, uapi::BUF_DMABUF);
+    let backend = f.info().unwrap().backend;
+    if backend == uapi::BACKEND_KERNEL {
+        assert_path_of_aligned_io(&s, backend);
+        assert_eq!(s.c.kernel_ops, 2, "{:?}", s.c);
+    } else {
+        assert_eq!(s.path, uapi::PATH_BOUNCE);
+    }
 }
 
 #[test]
@@ -1001,9 +1083,21 @@ fn real_dma_heap_buffers() {
         .unwrap();
     assert_eq!(back, &data[1000..151_000]);
     let s = t.stats().unwrap();
-    assert_eq!(
-        s.c.fallback_ops, 2,
-        "dmabuf I/O goes through the bounce path"
-    );
-    assert_eq!(s.path, uapi::PATH_BOUNCE);
+    assert_eq!(s.c.fallback_ops, 2, "unaligned dmabuf I/O is bounced");
+    let backend = f.info().unwrap().backend;
+    if backend == uapi::BACKEND_KERNEL {
+        // Aligned I/O goes straight between device and dmabuf.
+        assert_eq!(t.read(8192, 4096, 64 << 10).unwrap(), 64 << 10);
+        assert_eq!(t.write(1 << 20, 4096, 64 << 10).unwrap(), 64 << 10);
+        File::open(m.join("f"))
+            .unwrap()
+            .read_exact_at(&mut back[..64 << 10], 1 << 20)
+            .unwrap();
+        assert_eq!(&back[..64 << 10], &data[8192..8192 + (64 << 10)]);
+        let s = t.stats().unwrap();
+        assert_eq!(s.c.fallback_ops, 2, "{:?}", s.c);
+        assert_path_of_aligned_io(&s, backend);
+    } else {
+        assert_eq!(s.path, uapi::PATH_BOUNCE);
+    }
 }

@@ -7,22 +7,27 @@
 //! where the device allows it); [`mem::MemDevice`] keeps everything in
 //! memory and can simulate a crash, for tests; [`undo::UndoDevice`] lets
 //! crash tests of a real daemon drop every write since the last flush, and
-//! [`fault::FailingDevice`] makes it fail with EIO.
+//! [`fault::FailingDevice`] makes it fail with EIO. [`uring`] carries
+//! transfers on buffers registered with the kernel (io_uring fixed
+//! buffers: user memory, or dmabufs on a kernel with the dmabuf series).
 
 pub mod fault;
 pub mod file;
 pub mod mem;
 pub mod undo;
+pub mod uring;
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
+pub use uring::{FixedBuffer, FixedKind, FixedSource};
 
 /// Which way data moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +55,27 @@ pub struct IoBuffer<'a> {
     /// Ordinary pages O_DIRECT can target; false for dmabuf mappings
     /// (VM_PFNMAP), which backends must bounce.
     dma_safe: bool,
+    /// The same memory registered with the device's rings, and the
+    /// kernel address of byte 0 (user address or offset in the dmabuf).
+    fixed: Option<(&'a FixedBuffer, u64)>,
+    tally: Option<&'a Tally>,
     _borrow: PhantomData<&'a mut [u8]>,
+}
+
+/// How a transfer's bytes moved, filled in by the backend: straight
+/// between buffer and device, through a CPU bounce, or as io_uring
+/// fixed-buffer I/O.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub direct: AtomicU64,
+    pub bounced: AtomicU64,
+    pub fixed: AtomicU64,
+}
+
+impl Tally {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: an IoBuffer is only a (pointer, length) view of memory that the
@@ -67,6 +92,8 @@ impl<'a> IoBuffer<'a> {
             len: buf.len(),
             writable: true,
             dma_safe: true,
+            fixed: None,
+            tally: None,
             _borrow: PhantomData,
         }
     }
@@ -78,6 +105,8 @@ impl<'a> IoBuffer<'a> {
             len: buf.len(),
             writable: false,
             dma_safe: true,
+            fixed: None,
+            tally: None,
             _borrow: PhantomData,
         }
     }
@@ -91,7 +120,29 @@ impl<'a> IoBuffer<'a> {
             len,
             writable,
             dma_safe,
+            fixed: None,
+            tally: None,
             _borrow: PhantomData,
+        }
+    }
+
+    /// Says that this memory is also registered as `fixed`, with byte 0
+    /// at kernel address `addr` there, so a backend that owns the
+    /// registration can use fixed-buffer I/O.
+    pub fn with_fixed(mut self, fixed: &'a FixedBuffer, addr: u64) -> Self {
+        self.fixed = Some((fixed, addr));
+        self
+    }
+
+    /// Has the backend count how the bytes moved.
+    pub fn with_tally(mut self, tally: &'a Tally) -> Self {
+        self.tally = Some(tally);
+        self
+    }
+
+    fn count(&self, pick: impl Fn(&Tally) -> &AtomicU64, n: usize) {
+        if let Some(t) = self.tally {
+            Tally::add(pick(t), n);
         }
     }
 
@@ -114,6 +165,8 @@ impl<'a> IoBuffer<'a> {
             len,
             writable: self.writable,
             dma_safe: self.dma_safe,
+            fixed: self.fixed.map(|(f, addr)| (f, addr + offset as u64)),
+            tally: self.tally,
             _borrow: PhantomData,
         })
     }
@@ -179,6 +232,8 @@ pub enum DeviceError {
     ReadOnlyBuffer,
     #[error("device is busy: {0}")]
     Busy(String),
+    #[error("this device cannot register buffers")]
+    NoFixedBuffers,
 }
 
 /// A device that stores bytes at offsets. Implementations must be safe to
@@ -201,6 +256,12 @@ pub trait BlockDevice: Send + Sync {
 
     /// Human-readable description for logs and INFO.
     fn describe(&self) -> String;
+
+    /// Registers memory (or a dmabuf) for fixed-buffer transfers, where
+    /// the backend has them.
+    fn register_fixed(&self, _src: FixedSource<'_>) -> Result<FixedBuffer, DeviceError> {
+        Err(DeviceError::NoFixedBuffers)
+    }
 
     fn read_at(&self, dev_offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         let len = buf.len();

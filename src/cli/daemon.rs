@@ -157,7 +157,9 @@ fn serve(
         },
     )
     .map_err(|e| format!("cannot open {}: {e}", source.display()))?;
-    let dev_direct = dev.is_direct();
+    let mut dev = dev;
+    let plain = opts.test_fail_after.is_none() && opts.test_undo_log.is_none();
+    let backend = tokens::choose(opts.tokens, &mut dev, plain)?;
     let mut dev: Arc<dyn BlockDevice> = Arc::new(dev);
     if let Some(n) = opts.test_fail_after {
         dev = Arc::new(FailingDevice::new(dev, n));
@@ -185,8 +187,7 @@ fn serve(
         threads: opts.threads,
         flags: kernel_flags(&opts.flags),
     };
-    let direct = dev_direct;
-    let tokens = Arc::new(tokens::Registry::new(tokens::probe(direct)));
+    let tokens = Arc::new(tokens::Registry::new(backend));
     let session = match fuse::mount(fs.clone(), tokens, mountpoint, &cfg) {
         Ok(s) => s,
         Err(e) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use fuser::MountOption;
 
 use crate::fs::AtimeMode;
+use crate::tokens::Choice;
 
 /// Parses "4096", "256M", "4G", "1GiB" into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -47,6 +48,8 @@ pub struct MountOpts {
     pub test_fail_after: Option<u64>,
     /// Kernel flags passed through (nosuid, nodev, noexec, ...).
     pub flags: Vec<MountOption>,
+    /// Which token backend (`tokens=auto|mapped|kernel`).
+    pub tokens: Choice,
 }
 
 impl Default for MountOpts {
@@ -63,6 +66,7 @@ impl Default for MountOpts {
             test_undo_log: None,
             test_fail_after: None,
             flags: Vec::new(),
+            tokens: Choice::Auto,
         }
     }
 }
@@ -132,6 +136,7 @@ impl MountOpts {
                 "dirsync" => o.flags.push(MountOption::DirSync),
                 "remount" => o.remount = true,
                 "log" => o.log = value.map(PathBuf::from),
+                "tokens" => o.tokens = value.unwrap_or_default().parse()?,
                 "test_undo_log" => o.test_undo_log = value.map(PathBuf::from),
                 "test_fail_after" => o.test_fail_after = Some(num(value)?),
                 // Set by this program itself; mount(8) may echo them back.

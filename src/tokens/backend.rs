@@ -1,153 +1,112 @@
-//! Choosing the token backend: the kernel series' io_uring dmabuf
-//! registered buffers where the running kernel has them, else the mapped
-//! backend (O_DIRECT into the daemon's mapping of the buffer).
+//! Choosing the token backend for a mount.
 //!
-//! The probe needs no dmabuf: it registers a one-slot sparse buffer table
-//! and asks for an extended update of type dmabuf with `target_fd = -1`.
-//! A kernel without the series rejects the flag (EINVAL); one with it gets
-//! as far as looking up the target file (EBADF).
+//! - kernel: the kernel series' io_uring dmabuf registered buffers. Every
+//!   token's buffer is registered with the device's rings (a dmabuf bound
+//!   to the O_DIRECT device fd, a memfd as pinned user memory) and I/O
+//!   goes down as `READ_FIXED`/`WRITE_FIXED`.
+//! - mapped: O_DIRECT between the device and the daemon's mapping of the
+//!   buffer; dmabufs (whose mappings O_DIRECT cannot target) are bounced.
+//!
+//! `tokens=auto` (the default) takes the kernel backend where the probe
+//! finds the series and the device is O_DIRECT, else mapped and says
+//! why. `tokens=kernel` insists: the mount fails without fixed buffers,
+//! and on a kernel without the series dmabuf REGISTER fails (EOPNOTSUPP)
+//! instead of falling back, so a missing kernel feature is loud.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::str::FromStr;
 
-use super::Backend;
+use log::warn;
+
+use crate::blockdev::uring::{probe_dmabuf_support, KernelSupport};
+use crate::blockdev::FileDevice;
 use crate::uapi;
 
-const SYS_IO_URING_SETUP: libc::c_long = 425;
-const SYS_IO_URING_REGISTER: libc::c_long = 427;
-const IORING_REGISTER_BUFFERS2: libc::c_uint = 15;
-const IORING_REGISTER_BUFFERS_UPDATE: libc::c_uint = 16;
-const IORING_RSRC_REGISTER_SPARSE: u32 = 1;
-/// v3 UAPI: flag in `io_uring_rsrc_update2.flags` (formerly `resv`).
-const IORING_RSRC_UPDATE_EXTENDED: u32 = 1 << 1;
-const IO_REGBUF_TYPE_DMABUF: u32 = 2;
-
-#[repr(C)]
-#[derive(Default)]
-struct RsrcRegister {
-    nr: u32,
-    flags: u32,
-    resv2: u64,
-    data: u64,
-    tags: u64,
+/// Which backend carries token I/O, and why.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub kind: u32,
+    /// Whether dmabuf buffers can be registered at all.
+    pub dmabufs: bool,
+    pub reason: String,
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct RsrcUpdate2 {
-    offset: u32,
-    flags: u32,
-    data: u64,
-    tags: u64,
-    nr: u32,
-    resv2: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct RegbufDesc {
-    kind: u32,
-    flags: u32,
-    size: u64,
-    uaddr: u64,
-    dmabuf_fd: i32,
-    target_fd: i32,
-    resv: [u64; 6],
-}
-
-/// What the running kernel offers for dmabuf registered buffers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KernelSupport {
-    /// The v3 UAPI answered as a patched kernel would.
-    Present,
-    /// Not there, with the reason.
-    Absent(String),
-}
-
-fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-/// Probes the running kernel for the series' dmabuf registered buffers.
-pub fn probe_kernel() -> KernelSupport {
-    let mut params = [0u8; 120]; // struct io_uring_params
-                                 // SAFETY: io_uring_setup(entries, params) writes into params only.
-    let fd = unsafe { libc::syscall(SYS_IO_URING_SETUP, 1u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        return KernelSupport::Absent(format!("io_uring unavailable (errno {})", last_errno()));
-    }
-    // SAFETY: fd is a fresh io_uring fd we own.
-    let ring = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let reg = RsrcRegister {
-        nr: 1,
-        flags: IORING_RSRC_REGISTER_SPARSE,
-        ..Default::default()
-    };
-    // SAFETY: io_uring_register reads `reg` (size given) only.
-    let r = unsafe {
-        libc::syscall(
-            SYS_IO_URING_REGISTER,
-            ring.as_raw_fd(),
-            IORING_REGISTER_BUFFERS2,
-            &reg as *const RsrcRegister,
-            size_of::<RsrcRegister>() as u32,
-        )
-    };
-    if r < 0 {
-        return KernelSupport::Absent(format!(
-            "io_uring sparse buffer tables unavailable (errno {})",
-            last_errno()
-        ));
-    }
-    let desc = RegbufDesc {
-        kind: IO_REGBUF_TYPE_DMABUF,
-        dmabuf_fd: -1,
-        target_fd: -1,
-        ..Default::default()
-    };
-    let up = RsrcUpdate2 {
-        flags: IORING_RSRC_UPDATE_EXTENDED,
-        data: &desc as *const RegbufDesc as u64,
-        nr: 1,
-        ..Default::default()
-    };
-    // SAFETY: io_uring_register reads `up` and the one descriptor it
-    // points at, both alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            SYS_IO_URING_REGISTER,
-            ring.as_raw_fd(),
-            IORING_REGISTER_BUFFERS_UPDATE,
-            &up as *const RsrcUpdate2,
-            size_of::<RsrcUpdate2>() as u32,
-        )
-    };
-    match (r, last_errno()) {
-        (r, _) if r >= 0 => KernelSupport::Absent("unexpected success of the probe".into()),
-        (_, libc::EBADF) => KernelSupport::Present,
-        (_, libc::EOPNOTSUPP) => {
-            KernelSupport::Absent("kernel has the dmabuf UAPI but no DMABUF_TOKEN support".into())
+impl Backend {
+    fn mapped(reason: impl Into<String>) -> Self {
+        Self {
+            kind: uapi::BACKEND_MAPPED,
+            dmabufs: true,
+            reason: reason.into(),
         }
-        (_, e) => KernelSupport::Absent(format!(
-            "kernel lacks io_uring dmabuf registered buffers (probe: errno {e})"
-        )),
+    }
+
+    pub fn is_kernel(&self) -> bool {
+        self.kind == uapi::BACKEND_KERNEL
     }
 }
 
-/// Picks the backend for a mount whose device fd is (or is not) O_DIRECT.
-pub fn probe(device_direct: bool) -> Backend {
-    let mapped = |reason: String| Backend {
-        kind: uapi::BACKEND_MAPPED,
-        reason,
-    };
-    match probe_kernel() {
-        KernelSupport::Absent(why) => mapped(why),
-        KernelSupport::Present if !device_direct => {
-            mapped("device cannot do O_DIRECT, which the kernel backend needs".into())
+/// The `tokens=` mount option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Choice {
+    #[default]
+    Auto,
+    Mapped,
+    Kernel,
+}
+
+impl FromStr for Choice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Choice::Auto),
+            "mapped" => Ok(Choice::Mapped),
+            "kernel" => Ok(Choice::Kernel),
+            _ => Err(format!("tokens={s:?}: expected auto, mapped or kernel")),
         }
-        // The io_uring READ_FIXED/WRITE_FIXED path is not wired up yet:
-        // say so rather than pretend.
-        KernelSupport::Present => {
-            mapped("kernel backend detected but not driven by this build yet".into())
+    }
+}
+
+/// Picks the backend for `dev` and sets up its fixed buffers when the
+/// kernel backend is taken. `plain` is false when test wrappers sit
+/// between the filesystem and `dev` (fixed-buffer I/O would bypass them).
+pub fn choose(choice: Choice, dev: &mut FileDevice, plain: bool) -> Result<Backend, String> {
+    if choice == Choice::Mapped {
+        return Ok(Backend::mapped("chosen with tokens=mapped"));
+    }
+    let support = probe_dmabuf_support();
+    let obstacle = if !dev.is_direct() {
+        Some("device cannot do O_DIRECT, which the kernel backend needs".to_string())
+    } else if !plain {
+        Some("test device wrappers in use".to_string())
+    } else {
+        None
+    };
+    match (choice, support, obstacle) {
+        (Choice::Auto, KernelSupport::Absent(why), _) => Ok(Backend::mapped(why)),
+        (Choice::Auto, KernelSupport::Present, Some(why)) => Ok(Backend::mapped(why)),
+        (_, _, Some(why)) => Err(format!("tokens=kernel impossible: {why}")),
+        (_, support, None) => {
+            if let Err(e) = dev.enable_fixed_buffers() {
+                let why = format!("io_uring fixed buffers unavailable ({e})");
+                return match choice {
+                    Choice::Kernel => Err(format!("tokens=kernel impossible: {why}")),
+                    _ => Ok(Backend::mapped(why)),
+                };
+            }
+            Ok(match support {
+                KernelSupport::Present => Backend {
+                    kind: uapi::BACKEND_KERNEL,
+                    dmabufs: true,
+                    reason: "io_uring dmabuf registered buffers on the O_DIRECT device".into(),
+                },
+                KernelSupport::Absent(why) => {
+                    warn!("tokens=kernel on a kernel without dmabuf registered buffers: {why}");
+                    Backend {
+                        kind: uapi::BACKEND_KERNEL,
+                        dmabufs: false,
+                        reason: format!("tokens=kernel, memfds only: {why}"),
+                    }
+                }
+            })
         }
     }
 }
@@ -155,15 +114,27 @@ pub fn probe(device_direct: bool) -> Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blockdev::OpenMode;
 
     #[test]
-    fn probe_answers_and_struct_sizes_match_v3() {
-        assert_eq!(size_of::<RegbufDesc>(), 80);
-        assert_eq!(size_of::<RsrcUpdate2>(), 32);
-        assert_eq!(size_of::<RsrcRegister>(), 32);
-        let b = probe(true);
-        assert_eq!(b.kind, uapi::BACKEND_MAPPED);
-        assert!(!b.reason.is_empty() && b.reason.len() < 88, "{}", b.reason);
-        println!("token backend here: {}", b.reason);
+    fn choices_on_an_image_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut dev = FileDevice::open(&path, OpenMode::default()).unwrap();
+        let mapped = choose(Choice::Mapped, &mut dev, true).unwrap();
+        assert!(!mapped.is_kernel());
+        let auto = choose(Choice::Auto, &mut dev, true).unwrap();
+        assert!(auto.reason.len() < 88, "{}", auto.reason);
+        println!("tokens=auto here: {:?}", auto);
+        if dev.is_direct() {
+            let forced = choose(Choice::Kernel, &mut dev, true).unwrap();
+            assert!(forced.is_kernel());
+            assert!(choose(Choice::Kernel, &mut dev, false).is_err());
+        }
+        assert!("bogus".parse::<Choice>().is_err());
     }
 }

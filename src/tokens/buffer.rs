@@ -1,7 +1,7 @@
 //! Caller buffers: taking the caller's fd, telling a dmabuf from a memfd,
 //! and mapping it into the daemon once, at REGISTER.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 use log::warn;
@@ -47,6 +47,10 @@ impl MappedBuffer {
 
     pub(super) fn ptr(&self) -> NonNull<u8> {
         self.ptr
+    }
+
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// Brackets CPU access to a dmabuf (a no-op for memfds). `device_read`

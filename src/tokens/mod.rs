@@ -15,15 +15,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use parking_lot::Mutex;
 use thiserror::Error;
 
-use crate::blockdev::IoBuffer;
+use crate::blockdev::{FixedBuffer, FixedKind, FixedSource, IoBuffer, Tally};
 use crate::fs::{Fs, FsError, Kind};
 use crate::uapi::{self, Counters};
 
-pub use backend::probe;
+pub use backend::{choose, Backend, Choice};
 pub use buffer::BufKind;
 use buffer::MappedBuffer;
 
@@ -74,16 +74,12 @@ impl TokenError {
     }
 }
 
-/// Which backend carries token I/O, and why.
-#[derive(Debug, Clone)]
-pub struct Backend {
-    pub kind: u32,
-    pub reason: String,
-}
-
 struct Token {
     fh: u64,
     ino: u64,
+    /// The buffer registered with the device (kernel backend); dropped
+    /// before the mapping.
+    fixed: Option<FixedBuffer>,
     buffer: Arc<MappedBuffer>,
     window_off: usize,
     window_len: usize,
@@ -179,10 +175,12 @@ impl Registry {
                 "window empty or past the end of the buffer",
             ));
         }
+        let fixed = self.register_fixed(fs, &buf, req.buf_offset as usize, len as usize)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let token = Arc::new(Token {
             fh,
             ino: of.ino,
+            fixed,
             buffer: Arc::new(buf),
             window_off: req.buf_offset as usize,
             window_len: len as usize,
@@ -194,6 +192,48 @@ impl Registry {
         );
         self.inner.lock().tokens.insert(id, token);
         Ok(id)
+    }
+
+    /// Under the kernel backend, registers the token's buffer with the
+    /// device: a dmabuf whole (EOPNOTSUPP if that fails: there is no other
+    /// way down for it), a memfd's window as user memory (or, if the kernel
+    /// will not pin it, nothing: its I/O takes the mapped path).
+    fn register_fixed(
+        &self,
+        fs: &Fs,
+        buf: &MappedBuffer,
+        window_off: usize,
+        window_len: usize,
+    ) -> Result<Option<FixedBuffer>, TokenError> {
+        if !self.backend.is_kernel() {
+            return Ok(None);
+        }
+        match buf.kind {
+            BufKind::Dmabuf if !self.backend.dmabufs => Err(TokenError::NotSupported),
+            BufKind::Dmabuf => fs
+                .device()
+                .register_fixed(FixedSource::Dmabuf(buf.fd()))
+                .map(Some)
+                .map_err(|e| {
+                    warn!("registering a dmabuf with the device: {e}");
+                    TokenError::NotSupported
+                }),
+            BufKind::Memfd => {
+                // SAFETY: window_off + window_len <= the mapping's length
+                // (checked by the caller).
+                let addr = unsafe { buf.ptr().as_ptr().add(window_off) };
+                match fs.device().register_fixed(FixedSource::User {
+                    addr,
+                    len: window_len,
+                }) {
+                    Ok(f) => Ok(Some(f)),
+                    Err(e) => {
+                        debug!("memfd window not registered ({e}); mapped path");
+                        Ok(None)
+                    }
+                }
+            }
+        }
     }
 
     /// UNREGISTER: only tokens of this open file.
@@ -243,9 +283,11 @@ impl Registry {
             .filter(|t| t.fh == fh)
             .cloned()
             .ok_or(TokenError::BadFile)?;
-        let r = self.io_with(fs, fh, &token, req);
+        let tally = Tally::default();
+        let r = self.io_with(fs, fh, &token, req, &tally);
         let unaligned = (req.file_offset | req.buf_offset | req.len) % ALIGN != 0;
-        let bounced = token.buffer.kind == BufKind::Dmabuf || unaligned;
+        let bounced = unaligned || tally.bounced.load(Ordering::Relaxed) > 0;
+        let kernel = tally.fixed.load(Ordering::Relaxed) > 0;
         let count = |c: &mut Counters| match &r {
             Ok(n) => {
                 if req.write {
@@ -257,6 +299,7 @@ impl Registry {
                 }
                 c.unaligned_ops += unaligned as u64;
                 c.fallback_ops += bounced as u64;
+                c.kernel_ops += kernel as u64;
             }
             Err(_) => c.errors += 1,
         };
@@ -268,7 +311,14 @@ impl Registry {
         })
     }
 
-    fn io_with(&self, fs: &Fs, fh: u64, token: &Token, req: &IoRequest) -> Result<u64, TokenError> {
+    fn io_with(
+        &self,
+        fs: &Fs,
+        fh: u64,
+        token: &Token,
+        req: &IoRequest,
+        tally: &Tally,
+    ) -> Result<u64, TokenError> {
         let of = fs.handle(fh).map_err(|_| TokenError::BadFile)?;
         if (req.write && !of.writable) || (!req.write && !of.readable) {
             return Err(TokenError::BadFile);
@@ -285,16 +335,27 @@ impl Registry {
         if !req.write && !buf.writable {
             return Err(TokenError::ReadOnlyBuffer);
         }
+        let at = token.window_off + req.buf_offset as usize;
         // SAFETY: window_off + buf_offset + len <= buffer length (checked
         // at REGISTER and above); the mapping lives as long as `token`.
-        let io_buf = unsafe {
+        let mut io_buf = unsafe {
             IoBuffer::from_raw(
-                buf.ptr().add(token.window_off + req.buf_offset as usize),
+                buf.ptr().add(at),
                 req.len as usize,
                 buf.writable,
                 buf.kind == BufKind::Memfd,
             )
-        };
+        }
+        .with_tally(tally);
+        if let Some(fixed) = &token.fixed {
+            // The kernel addresses a user buffer by its address, a dmabuf
+            // by the offset inside it.
+            let addr = match fixed.kind() {
+                FixedKind::User => buf.ptr().as_ptr() as u64 + at as u64,
+                FixedKind::Dmabuf => at as u64,
+            };
+            io_buf = io_buf.with_fixed(fixed, addr);
+        }
         buf.sync(!req.write, false);
         let r = if req.write {
             write_chunked(fs, token.ino, req.file_offset, &io_buf)
@@ -394,9 +455,10 @@ impl Registry {
             BufKind::Memfd => uapi::BUF_MEMFD,
             BufKind::Dmabuf => uapi::BUF_DMABUF,
         };
-        out.path = match t.buffer.kind {
-            BufKind::Memfd => uapi::PATH_DIRECT,
-            BufKind::Dmabuf => uapi::PATH_BOUNCE,
+        out.path = match (&t.fixed, t.buffer.kind) {
+            (Some(_), _) => uapi::PATH_KERNEL,
+            (None, BufKind::Memfd) => uapi::PATH_DIRECT,
+            (None, BufKind::Dmabuf) => uapi::PATH_BOUNCE,
         };
         out.c = *t.counters.lock();
         Ok(out)
@@ -413,7 +475,11 @@ impl Registry {
                 | uapi::FEAT_STATS
                 | uapi::FEAT_UNALIGNED
                 | uapi::FEAT_MEMFD
-                | uapi::FEAT_DMABUF,
+                | if self.backend.dmabufs {
+                    uapi::FEAT_DMABUF
+                } else {
+                    0
+                },
             max_io: 1 << 40,
             ..Default::default()
         };

@@ -162,10 +162,30 @@ pub fn fsck_clean(image: &Path) -> Output {
     run(bin(), &[OsStr::new("fsck"), image.as_os_str()])
 }
 
+/// The token backend every test mount asks for, from
+/// `DMABUF_FS_TEST_TOKENS` (auto, mapped or kernel); scripts/test runs the
+/// token cases once more with `kernel`, and the VM test on a patched
+/// kernel forces it so that a missing kernel feature fails.
+pub fn forced_token_backend() -> Option<String> {
+    std::env::var("DMABUF_FS_TEST_TOKENS")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 /// Runs `dmabuf-fs mount IMAGE MNT [-o OPTS]`, no assertion.
 pub fn mount_cmd(image: &Path, mnt: &Path, opts: Option<&str>) -> Output {
+    let mut opts = opts.map(str::to_string);
+    if let Some(b) = forced_token_backend() {
+        let o = opts.get_or_insert_with(String::new);
+        if !o.contains("tokens=") && !o.contains("remount") {
+            if !o.is_empty() {
+                o.push(',');
+            }
+            o.push_str(&format!("tokens={b}"));
+        }
+    }
     let mut args: Vec<&OsStr> = vec![OsStr::new("mount"), image.as_os_str(), mnt.as_os_str()];
-    if let Some(o) = opts {
+    if let Some(o) = &opts {
         args.push(OsStr::new("-o"));
         args.push(OsStr::new(o));
     }
