@@ -4,8 +4,8 @@
 //! results on stdout (errors go to stderr with a non-zero exit):
 //!
 //! ```text
-//! tokbench seqread  --file F --op-size 1M --mode token|readcopy|direct|pread
-//!                   [--bytes B] [--offset O] [--buf B] [--daemon-pid P]
+//! tokbench seqread  --file F --op-size 1M --mode token|readcopy|direct|pread|fixed
+//!                   [--bytes B] [--offset O] [--buf B] [--daemon-pid P] [--udmabuf]
 //! tokbench seqwrite --file F --bytes B --op-size 1M --mode token|write|direct
 //!                   [--buf B] [--daemon-pid P]            (fsync included)
 //! tokbench randread --file F --threads N --batch K --secs S
@@ -18,21 +18,28 @@
 //! memfd; `readcopy` = read() into a heap buffer + memcpy into the mmapped
 //! memfd; `write` = write() straight from the mmapped memfd; `direct` =
 //! pread/pwrite with O_DIRECT on F (the raw image or a raw file) into/out of
-//! the mmapped memfd; `pread` = buffered pread into the mmapped memfd. Client CPU comes from getrusage(RUSAGE_SELF); daemon
+//! the mmapped memfd; `pread` = buffered pread into the mmapped memfd;
+//! `fixed` = io_uring READ_FIXED from F (a block device or image, not
+//! mounted) through dmabuf-fs's block-device layer alone, no filesystem.
+//! `--udmabuf` makes the buffer of `token` and `fixed` a udmabuf over the
+//! memfd (a real dmabuf; needs /dev/udmabuf). Client CPU comes from getrusage(RUSAGE_SELF); daemon
 //! CPU (`--daemon-pid`) from utime+stime in /proc/PID/stat, both over the
 //! timed window only.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use dmabuf_fs::client::{sealed_memfd, TokenFile};
+use dmabuf_fs::blockdev::{
+    BlockDevice, Direction, FileDevice, FixedSource, IoBuffer, IoRange, OpenMode,
+};
+use dmabuf_fs::client::{sealed_memfd, udmabuf_from_memfd, TokenFile};
 use dmabuf_fs::uapi::{BatchOp, MAX_BATCH, OP_READ};
 
 type Res<T> = Result<T, String>;
@@ -76,7 +83,7 @@ fn main() -> ExitCode {
 
 // ----- arguments -------------------------------------------------------------
 
-const FLAGS: &[&str] = &["tree", "keep"];
+const FLAGS: &[&str] = &["tree", "keep", "udmabuf"];
 
 struct Args(HashMap<String, String>);
 
@@ -335,9 +342,13 @@ fn seqread(a: &Args) -> Res<String> {
     let mode = a.req("mode")?;
     let (op, buf_len) = op_plan(a)?;
     let offset = a.size("offset", Some(0))?;
-    let file_len = std::fs::metadata(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
+    let file_len = if mode == "fixed" {
+        u64::MAX // the device checks its own bounds
+    } else {
+        std::fs::metadata(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len()
+    };
     let bytes = a.size("bytes", Some(file_len.saturating_sub(offset)))?;
     if offset + bytes > file_len {
         return Err(format!(
@@ -346,14 +357,20 @@ fn seqread(a: &Args) -> Res<String> {
         ));
     }
     let buf = MemBuf::new("tokbench-seqread", buf_len)?;
+    let dmabuf = a
+        .flag("udmabuf")
+        .then(|| udmabuf_from_memfd(&buf.file).map_err(|e| format!("udmabuf: {e}")))
+        .transpose()?;
     let pid = a.pid()?;
     let mut done = 0u64;
     let m = match mode {
         "token" => {
             let f = TokenFile::open(&path, false).map_err(|e| format!("open: {e}"))?;
-            let token = f
-                .register(&buf.file, 0, 0)
-                .map_err(|e| format!("REGISTER: {e}"))?;
+            let token = match &dmabuf {
+                Some(d) => f.register(d, 0, 0),
+                None => f.register(&buf.file, 0, 0),
+            }
+            .map_err(|e| format!("REGISTER: {e}"))?;
             let w = Window::start(pid)?;
             while done < bytes {
                 let len = op.min(bytes - done);
@@ -365,6 +382,36 @@ fn seqread(a: &Args) -> Res<String> {
                     return Err(format!("READ hit EOF at {}", offset + done));
                 }
                 done += n;
+            }
+            w.stop()?
+        }
+        "fixed" => {
+            let mut dev = FileDevice::open(&path, OpenMode::default())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            dev.enable_fixed_buffers()
+                .map_err(|e| format!("fixed buffers: {e}"))?;
+            let fixed = match &dmabuf {
+                Some(d) => dev.register_fixed(FixedSource::Dmabuf(d.as_fd())),
+                None => dev.register_fixed(FixedSource::User {
+                    addr: buf.ptr,
+                    len: buf.len,
+                }),
+            }
+            .map_err(|e| format!("registering the buffer: {e}"))?;
+            let base = if dmabuf.is_some() { 0 } else { buf.ptr as u64 };
+            let io_buf = IoBuffer::from_mut(buf.slice_mut(0, buf.len)).with_fixed(&fixed, base);
+            let w = Window::start(pid)?;
+            while done < bytes {
+                let len = op.min(bytes - done) as usize;
+                let boff = (done % buf_len) as usize;
+                let r = IoRange {
+                    dev_offset: offset + done,
+                    buf_offset: boff,
+                    len,
+                };
+                dev.submit(Direction::Read, &io_buf, &[r])
+                    .map_err(|e| format!("READ_FIXED at {}: {e}", offset + done))?;
+                done += len as u64;
             }
             w.stop()?
         }

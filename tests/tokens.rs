@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{assert_errno, pseudo_random, Image};
-use dmabuf_fs::client::{sealed_memfd, TokenFile};
+use dmabuf_fs::client::{sealed_memfd, udmabuf_from_memfd, TokenFile};
 use dmabuf_fs::uapi::{self, BatchOp, Io, Register, Stats, Unregister};
 use zerocopy::IntoBytes;
 
@@ -297,7 +297,8 @@ fn register_errors() {
         libc::EINVAL,
         "unsealed memfd",
     );
-    let regular = File::open(img.path()).unwrap();
+    write_file(&img.dir().join("regular"), &[0u8; 8192]);
+    let regular = File::open(img.dir().join("regular")).unwrap();
     assert_errno(
         register_raw(&f, regular.as_raw_fd(), 0, 0),
         libc::EINVAL,
@@ -940,6 +941,17 @@ REGISTER {}\nUNREGISTER {}\nREAD {}\nWRITE {}\nINFO {}\nSTATS {}\nBATCH {}\n",
     assert!(tried >= 1, "the header did not compile at all");
 }
 
+/// A udmabuf of `len` bytes and the sealed memfd under it (for CPU
+/// access), or None where /dev/udmabuf is absent.
+fn udmabuf(len: u64) -> Option<(File, File)> {
+    if !Path::new("/dev/udmabuf").exists() {
+        return None;
+    }
+    let mem = sealed_memfd("u", len).unwrap();
+    let dmabuf = udmabuf_from_memfd(&mem).unwrap();
+    Some((mem, dmabuf))
+}
+
 #[test]
 fn real_dmabufs_need_an_exporter() {
     if !Path::new("/dev/udmabuf").exists() {
@@ -950,31 +962,7 @@ fn real_dmabufs_need_an_exporter() {
     let img = Image::new("64M");
     let m = img.mount();
     write_file(&m.join("f"), &pseudo_random(9, 65536));
-    let mem = sealed_memfd("u", 65536).unwrap();
-    #[repr(C)]
-    struct Create {
-        memfd: u32,
-        flags: u32,
-        offset: u64,
-        size: u64,
-    }
-    let dev = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/udmabuf")
-        .unwrap();
-    let c = Create {
-        memfd: mem.as_raw_fd() as u32,
-        flags: 0,
-        offset: 0,
-        size: 65536,
-    };
-    // SAFETY: UDMABUF_CREATE = _IOW('u', 0x42, struct udmabuf_create).
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), 0x4018_7542, &c) };
-    assert!(fd >= 0, "UDMABUF_CREATE: {}", io::Error::last_os_error());
-    // SAFETY: a fresh fd we own.
-    let dmabuf = unsafe { File::from_raw_fd(fd) };
+    let (mem, dmabuf) = udmabuf(65536).unwrap();
     let f = TokenFile::open(&m.join("f"), true).unwrap();
     let t = f.register(&dmabuf, 0, 0).unwrap();
     assert_eq!(t.read(0, 0, 65536).unwrap(), 65536);
@@ -1100,4 +1088,141 @@ fn real_dma_heap_buffers() {
     } else {
         assert_eq!(s.path, uapi::PATH_BOUNCE);
     }
+}
+
+#[test]
+fn dmabuf_unregister_during_io_and_close_with_tokens_alive() {
+    let Some((_mem, dmabuf)) = udmabuf(4 << 20) else {
+        println!("SKIP: /dev/udmabuf is absent on this machine (no dmabuf exporter); the VM test covers it");
+        return;
+    };
+    let img = Image::new("128M");
+    let m = img.mount();
+    let p = m.join("f");
+    write_file(&p, &pseudo_random(13, 8 << 20));
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let token = register_raw(&f, dmabuf.as_raw_fd(), 0, 0).unwrap();
+    // Four threads of READ and WRITE on the token while it is unregistered
+    // under them: each op moves everything or fails EBADF, nothing else.
+    let moved = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4u64)
+            .map(|i| {
+                let f = &f;
+                s.spawn(move || {
+                    let mut ops = 0u64;
+                    loop {
+                        let mut io = Io {
+                            token,
+                            file_offset: (i % 2) << 22,
+                            buf_offset: i << 20,
+                            len: 1 << 20,
+                            ..Default::default()
+                        };
+                        match io_raw(f, i >= 2, &mut io) {
+                            Ok(n) => assert_eq!(n, 1 << 20),
+                            Err(e) => {
+                                assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+                                return ops;
+                            }
+                        }
+                        ops += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut u = Unregister {
+            token,
+            ..Default::default()
+        };
+        raw_ioctl(&f, uapi::IOC_UNREGISTER, &mut u).unwrap();
+        workers.into_iter().map(|w| w.join().unwrap()).sum::<u64>()
+    });
+    assert!(moved > 0, "no I/O ran before UNREGISTER");
+    // Close an open file with live tokens (one busy in another thread).
+    let g = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let tokens: Vec<u64> = (0..3)
+        .map(|_| register_raw(&g, dmabuf.as_raw_fd(), 0, 0).unwrap())
+        .collect();
+    let mut io = Io {
+        token: tokens[0],
+        len: 4 << 20,
+        ..Default::default()
+    };
+    assert_eq!(io_raw(&g, false, &mut io).unwrap(), 4 << 20);
+    drop(g);
+    let s = TokenFile::open(&p, false).unwrap().stats(0).unwrap();
+    assert_eq!(s.live_tokens, 0, "tokens outlived the last close");
+    drop(m);
+    img.assert_fsck_clean();
+}
+
+#[test]
+fn kernel_rejects_a_dmabuf_on_another_open_of_the_device() {
+    use dmabuf_fs::blockdev::uring::{probe_dmabuf_support, set_dmabuf_slot, KernelSupport};
+    use io_uring::{opcode, types, IoUring};
+    // The kernel series' own rule, one level below ours: a dmabuf
+    // registered for one open file of the device is EBADF on another.
+    let Some(dev) = common::test_device() else {
+        println!("SKIP: needs DMABUF_FS_TEST_DEVICE (a block device the dmabuf series drives, e.g. NVMe in the VM test)");
+        return;
+    };
+    if let KernelSupport::Absent(why) = probe_dmabuf_support() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let Some((mem, dmabuf)) = udmabuf(1 << 20) else {
+        println!("SKIP: /dev/udmabuf is absent");
+        return;
+    };
+    let data = pseudo_random(17, 1 << 20);
+    {
+        let w = OpenOptions::new().write(true).open(&dev).unwrap();
+        w.write_all_at(&data, 1 << 20).unwrap();
+        w.sync_all().unwrap();
+    }
+    let open_direct = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev)
+            .unwrap()
+    };
+    let (a, b) = (open_direct(), open_direct());
+    let mut ring = IoUring::new(4).unwrap();
+    ring.submitter().register_buffers_sparse(1).unwrap();
+    set_dmabuf_slot(ring.as_raw_fd(), 0, dmabuf.as_raw_fd(), a.as_raw_fd()).unwrap();
+    // READ_FIXED of 64 KiB at device offset 1 MiB + `at` into dmabuf offset `at`.
+    let mut read_fixed = |fd: &File, at: u64| -> i32 {
+        let sqe = opcode::ReadFixed::new(types::Fd(fd.as_raw_fd()), at as *mut u8, 65536, 0)
+            .offset((1 << 20) + at)
+            .build();
+        // SAFETY: slot 0 stays registered until the completion is reaped.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let cqe = ring.completion().next().unwrap();
+        cqe.result()
+    };
+    assert_eq!(read_fixed(&a, 0), 65536);
+    assert_eq!(read_fixed(&a, 128 << 10), 65536);
+    let got = memfd_bytes(&mem, 1 << 20);
+    assert_eq!(&got[..65536], &data[..65536]);
+    assert_eq!(&got[128 << 10..192 << 10], &data[128 << 10..192 << 10]);
+    assert_eq!(
+        read_fixed(&b, 0),
+        -libc::EBADF,
+        "another open of the device"
+    );
+    // The series trusts O_DIRECT on the target; report what it does
+    // without it (dmabuf-fs itself refuses fixed I/O on such an fd).
+    fill_memfd(&mem, &vec![0u8; 1 << 20]);
+    // SAFETY: fcntl on our own fd.
+    unsafe {
+        let fl = libc::fcntl(a.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(a.as_raw_fd(), libc::F_SETFL, fl & !libc::O_DIRECT);
+    }
+    let r = read_fixed(&a, 0);
+    let filled = memfd_bytes(&mem, 65536) == data[..65536];
+    println!("O_DIRECT cleared after registration: READ_FIXED returned {r}, data filled: {filled}");
 }

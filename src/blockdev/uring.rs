@@ -102,7 +102,7 @@ pub fn probe_dmabuf_support() -> KernelSupport {
                 KernelSupport::Absent("kernel has the dmabuf UAPI but no DMABUF_TOKEN".into())
             }
             Some(n) => KernelSupport::Absent(format!(
-                "kernel lacks io_uring dmabuf registered buffers (probe: errno {n})"
+                "no io_uring dmabuf registered buffers (probe: errno {n})"
             )),
             None => KernelSupport::Absent(format!("probe failed: {e}")),
         },
@@ -134,6 +134,26 @@ fn update_extended(ring_fd: RawFd, slot: u32, desc: &RegbufDesc) -> io::Result<(
         r if r < 0 => Err(io::Error::last_os_error()),
         r => Err(io::Error::other(format!("buffer update did {r} of 1"))),
     }
+}
+
+/// Puts dmabuf `dmabuf_fd` into slot `slot` of ring `ring_fd`'s sparse
+/// buffer table, bound to `target_fd` (v3: `IO_REGBUF_TYPE_DMABUF`).
+pub fn set_dmabuf_slot(
+    ring_fd: RawFd,
+    slot: u32,
+    dmabuf_fd: RawFd,
+    target_fd: RawFd,
+) -> io::Result<()> {
+    update_extended(
+        ring_fd,
+        slot,
+        &RegbufDesc {
+            kind: IO_REGBUF_TYPE_DMABUF,
+            dmabuf_fd,
+            target_fd,
+            ..Default::default()
+        },
+    )
 }
 
 /// Memory to register for fixed-buffer I/O.
@@ -203,16 +223,9 @@ impl Rings {
         for (i, &ring_fd) in self.ring_fds.iter().enumerate() {
             let r = match &src {
                 FixedSource::User { addr, len } => set_user_slot(ring_fd, slot, *addr, *len),
-                FixedSource::Dmabuf(fd) => update_extended(
-                    ring_fd,
-                    slot as u32,
-                    &RegbufDesc {
-                        kind: IO_REGBUF_TYPE_DMABUF,
-                        dmabuf_fd: fd.as_raw_fd(),
-                        target_fd: self.dev_fd,
-                        ..Default::default()
-                    },
-                ),
+                FixedSource::Dmabuf(fd) => {
+                    set_dmabuf_slot(ring_fd, slot as u32, fd.as_raw_fd(), self.dev_fd)
+                }
             };
             if let Err(e) = r {
                 for &done in &self.ring_fds[..i] {

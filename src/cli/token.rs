@@ -18,7 +18,7 @@ pub fn info(path: &Path) -> Result<(), String> {
         )
     })?;
     let backend = match i.backend {
-        uapi::BACKEND_KERNEL => "kernel (io_uring dmabuf registered buffers)",
+        uapi::BACKEND_KERNEL => "kernel (io_uring READ_FIXED/WRITE_FIXED on registered buffers)",
         _ => "mapped (O_DIRECT into the daemon's mapping)",
     };
     println!("abi version:  {}", i.abi_version);

@@ -12,7 +12,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use zerocopy::{FromBytes, IntoBytes};
@@ -185,4 +186,39 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<File> {
     mfd.add_seal(memfd::FileSeal::SealShrink)
         .map_err(|e| io::Error::other(e.to_string()))?;
     Ok(mfd.into_file())
+}
+
+/// A dmabuf over all of `memfd` from the kernel's udmabuf driver
+/// (`/dev/udmabuf`; the memfd must be sealed against shrinking and a
+/// multiple of 4 KiB): the stand-in for a GPU buffer on machines without
+/// one. NotFound where the driver is absent.
+pub fn udmabuf_from_memfd(memfd: &File) -> io::Result<File> {
+    #[repr(C)]
+    struct UdmabufCreate {
+        memfd: u32,
+        flags: u32,
+        offset: u64,
+        size: u64,
+    }
+    /// `UDMABUF_CREATE` = _IOW('u', 0x42, struct udmabuf_create).
+    const UDMABUF_CREATE: libc::c_ulong = 0x4018_7542;
+    const UDMABUF_FLAGS_CLOEXEC: u32 = 1;
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/udmabuf")?;
+    let create = UdmabufCreate {
+        memfd: memfd.as_raw_fd() as u32,
+        flags: UDMABUF_FLAGS_CLOEXEC,
+        offset: 0,
+        size: memfd.metadata()?.len(),
+    };
+    // SAFETY: UDMABUF_CREATE reads one struct udmabuf_create.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), UDMABUF_CREATE, &create) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that we own.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }

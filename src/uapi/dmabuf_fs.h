@@ -70,7 +70,7 @@ struct dmabuf_fs_io {                /* 64 bytes */
 
 /* INFO: what this mount offers. */
 #define DMABUF_FS_BACKEND_MAPPED 1   /* O_DIRECT into the daemon's mapping */
-#define DMABUF_FS_BACKEND_KERNEL 2   /* io_uring dmabuf registered buffers */
+#define DMABUF_FS_BACKEND_KERNEL 2   /* io_uring registered buffers (dmabufs: the kernel series) */
 
 #define DMABUF_FS_FEAT_BATCH     (1ULL << 0)
 #define DMABUF_FS_FEAT_STATS     (1ULL << 1)

@@ -99,8 +99,19 @@ pub struct Image {
 }
 
 impl Image {
-    /// Creates and formats an image of `size` (e.g. "256M").
+    /// Creates and formats an image of `size` (e.g. "256M"), or formats
+    /// the block device named by `DMABUF_FS_TEST_DEVICE` (whole; the VM
+    /// test runs the token cases on its NVMe namespace that way, one at a
+    /// time).
     pub fn new(size: &str) -> Image {
+        if let Some(dev) = test_device() {
+            let dir = tempdir("dmabuf-img-");
+            run(
+                bin(),
+                &[OsStr::new("mkfs"), dev.as_os_str(), OsStr::new("--force")],
+            );
+            return Image { path: dev, dir };
+        }
         let img = Image::unformatted();
         run(
             bin(),
@@ -160,6 +171,14 @@ impl Image {
 /// Asserts `dmabuf-fs fsck IMAGE` exits 0.
 pub fn fsck_clean(image: &Path) -> Output {
     run(bin(), &[OsStr::new("fsck"), image.as_os_str()])
+}
+
+/// The block device test images go on instead of files
+/// (`DMABUF_FS_TEST_DEVICE`); everything on it is destroyed.
+pub fn test_device() -> Option<PathBuf> {
+    std::env::var_os("DMABUF_FS_TEST_DEVICE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The token backend every test mount asks for, from
