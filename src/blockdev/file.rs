@@ -54,6 +54,7 @@ pub struct FileDevice {
     path: PathBuf,
     size: u64,
     direct: bool,
+    block_device: bool,
     rings: Option<Arc<Rings>>,
 }
 
@@ -84,7 +85,8 @@ impl FileDevice {
         };
         lock(&file, path, mode)?;
         let meta = file.metadata()?;
-        let size = if meta.file_type().is_block_device() {
+        let block_device = meta.file_type().is_block_device();
+        let size = if block_device {
             // SAFETY: lseek on an fd we own; SEEK_END gives the device size.
             let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
             if end < 0 {
@@ -99,12 +101,17 @@ impl FileDevice {
             path: path.to_path_buf(),
             size,
             direct,
+            block_device,
             rings: None,
         })
     }
 
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
     }
 
     /// Sets up io_uring rings with buffer tables on the device fd, so

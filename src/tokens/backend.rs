@@ -8,10 +8,13 @@
 //!   buffer; dmabufs (whose mappings O_DIRECT cannot target) are bounced.
 //!
 //! `tokens=auto` (the default) takes the kernel backend where the probe
-//! finds the series and the device is O_DIRECT, else mapped and says
-//! why. `tokens=kernel` insists: the mount fails without fixed buffers,
-//! and on a kernel without the series dmabuf REGISTER fails (EOPNOTSUPP)
-//! instead of falling back, so a missing kernel feature is loud.
+//! finds the series and the device is an O_DIRECT block device (the
+//! series binds dmabufs to block devices only), else mapped and says why;
+//! a dmabuf its driver will not take (the series drives NVMe only) then
+//! falls back to the bounce path, token by token. `tokens=kernel`
+//! insists: the mount fails without fixed buffers, and a dmabuf the
+//! kernel will not register fails REGISTER with EOPNOTSUPP instead of
+//! falling back, so a missing kernel feature is loud.
 
 use std::str::FromStr;
 
@@ -27,6 +30,8 @@ pub struct Backend {
     pub kind: u32,
     /// Whether dmabuf buffers can be registered at all.
     pub dmabufs: bool,
+    /// tokens=kernel: no per-token fallback to the mapped path for dmabufs.
+    pub strict: bool,
     pub reason: String,
 }
 
@@ -35,6 +40,7 @@ impl Backend {
         Self {
             kind: uapi::BACKEND_MAPPED,
             dmabufs: true,
+            strict: false,
             reason: reason.into(),
         }
     }
@@ -83,6 +89,9 @@ pub fn choose(choice: Choice, dev: &mut FileDevice, plain: bool) -> Result<Backe
     match (choice, support, obstacle) {
         (Choice::Auto, KernelSupport::Absent(why), _) => Ok(Backend::mapped(why)),
         (Choice::Auto, KernelSupport::Present, Some(why)) => Ok(Backend::mapped(why)),
+        (Choice::Auto, KernelSupport::Present, None) if !dev.is_block_device() => Ok(
+            Backend::mapped("kernel has the series, but it binds dmabufs to block devices only"),
+        ),
         (_, _, Some(why)) => Err(format!("tokens=kernel impossible: {why}")),
         (_, support, None) => {
             if let Err(e) = dev.enable_fixed_buffers() {
@@ -96,6 +105,7 @@ pub fn choose(choice: Choice, dev: &mut FileDevice, plain: bool) -> Result<Backe
                 KernelSupport::Present => Backend {
                     kind: uapi::BACKEND_KERNEL,
                     dmabufs: true,
+                    strict: choice == Choice::Kernel,
                     reason: "io_uring dmabuf registered buffers on the O_DIRECT device".into(),
                 },
                 KernelSupport::Absent(why) => {
@@ -103,6 +113,7 @@ pub fn choose(choice: Choice, dev: &mut FileDevice, plain: bool) -> Result<Backe
                     Backend {
                         kind: uapi::BACKEND_KERNEL,
                         dmabufs: false,
+                        strict: true,
                         reason: format!("tokens=kernel, memfds only: {why}"),
                     }
                 }

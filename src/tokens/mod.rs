@@ -195,9 +195,10 @@ impl Registry {
     }
 
     /// Under the kernel backend, registers the token's buffer with the
-    /// device: a dmabuf whole (EOPNOTSUPP if that fails: there is no other
-    /// way down for it), a memfd's window as user memory (or, if the kernel
-    /// will not pin it, nothing: its I/O takes the mapped path).
+    /// device: a dmabuf whole, a memfd's window as user memory. What the
+    /// kernel will not take goes the mapped way (a dmabuf bounced, a memfd
+    /// straight into the mapping), except a dmabuf under tokens=kernel:
+    /// EOPNOTSUPP, so that a missing kernel feature is loud.
     fn register_fixed(
         &self,
         fs: &Fs,
@@ -210,14 +211,17 @@ impl Registry {
         }
         match buf.kind {
             BufKind::Dmabuf if !self.backend.dmabufs => Err(TokenError::NotSupported),
-            BufKind::Dmabuf => fs
-                .device()
-                .register_fixed(FixedSource::Dmabuf(buf.fd()))
-                .map(Some)
-                .map_err(|e| {
-                    warn!("registering a dmabuf with the device: {e}");
-                    TokenError::NotSupported
-                }),
+            BufKind::Dmabuf => match fs.device().register_fixed(FixedSource::Dmabuf(buf.fd())) {
+                Ok(f) => Ok(Some(f)),
+                Err(e) if self.backend.strict => {
+                    warn!("the kernel refused to register a dmabuf for the device: {e}");
+                    Err(TokenError::NotSupported)
+                }
+                Err(e) => {
+                    info!("dmabuf not registered with the device ({e}); bounce path");
+                    Ok(None)
+                }
+            },
             BufKind::Memfd => {
                 // SAFETY: window_off + window_len <= the mapping's length
                 // (checked by the caller).
