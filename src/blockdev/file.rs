@@ -23,8 +23,8 @@ use log::{info, warn};
 
 use super::uring::{FixedOp, Rings};
 use super::{
-    check_device_range, AlignedBuf, BlockDevice, DeviceError, Direction, FixedBuffer, FixedSource,
-    IoBuffer, IoRange, DIRECT_ALIGN,
+    check_device_range, AlignedBuf, BlockDevice, DeviceError, Direction, FixedBuffer, FixedKind,
+    FixedSource, IoBuffer, IoRange, DIRECT_ALIGN,
 };
 
 const ALIGN: usize = DIRECT_ALIGN;
@@ -208,7 +208,9 @@ impl BlockDevice for FileDevice {
         ranges: &[IoRange],
     ) -> Result<(), DeviceError> {
         let fixed = match (&self.rings, buf.fixed) {
-            (Some(rings), Some((f, addr))) if f.belongs_to(rings) => Some((rings, f.slot(), addr)),
+            (Some(rings), Some((f, addr))) if f.belongs_to(rings) => {
+                Some((rings, f.slot(), addr, f.kind() == FixedKind::Dmabuf))
+            }
             _ => None,
         };
         let mut fixed_ops = Vec::new();
@@ -218,7 +220,7 @@ impl BlockDevice for FileDevice {
             if r.len == 0 {
                 continue;
             }
-            if let Some((_, slot, base)) = fixed {
+            if let Some((_, slot, base, dmabuf)) = fixed {
                 let addr = base + r.buf_offset as u64;
                 // Buffer and device offsets that share their alignment
                 // split into an aligned middle and unaligned edges.
@@ -236,6 +238,7 @@ impl BlockDevice for FileDevice {
                             addr: addr + head as u64,
                             dev_offset: r.dev_offset + head as u64,
                             len: mid,
+                            dmabuf,
                         });
                     }
                     if tail > 0 {
@@ -260,7 +263,7 @@ impl BlockDevice for FileDevice {
                 buf.count(|t| &t.bounced, r.len);
             }
         }
-        if let Some((rings, _, _)) = fixed {
+        if let Some((rings, ..)) = fixed {
             if !fixed_ops.is_empty() {
                 rings.transfer(dir, &fixed_ops)?;
             }

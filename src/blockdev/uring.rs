@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use log::debug;
 use parking_lot::Mutex;
 
@@ -173,6 +173,8 @@ pub(super) struct FixedOp {
     pub addr: u64,
     pub dev_offset: u64,
     pub len: usize,
+    /// Issue from io-wq (`IOSQE_ASYNC`), never inline; see [`Rings::transfer`].
+    pub dmabuf: bool,
 }
 
 pub(super) struct Rings {
@@ -255,6 +257,14 @@ impl Rings {
 
     /// Runs every op and waits for all of them; short transfers are
     /// continued, and no op is left in flight when this returns.
+    ///
+    /// Ops on dmabufs are issued with `IOSQE_ASYNC`. In v3 an inline issue
+    /// takes a reference on the dmabuf's device mapping and, when the block
+    /// layer answers -EAGAIN and io-wq issues the request again, takes a
+    /// second one and loses the first: the mapping then never goes away,
+    /// its fence never signals, and unregistering the buffer (or any
+    /// `DMA_BUF_IOCTL_SYNC` on it) waits forever. Issued from io-wq the
+    /// request blocks instead of failing with -EAGAIN, and imports once.
     pub fn transfer(&self, dir: Direction, ops: &[FixedOp]) -> io::Result<()> {
         check_direct(self.dev_fd)?;
         let mut todo: Vec<FixedOp> = ops
@@ -286,7 +296,12 @@ impl Rings {
                             .build()
                     }
                 }
-                .user_data(i as u64);
+                .user_data(i as u64)
+                .flags(if op.dmabuf {
+                    squeue::Flags::ASYNC
+                } else {
+                    squeue::Flags::empty()
+                });
                 // SAFETY: the buffer behind the slot stays registered (its
                 // FixedBuffer is borrowed by the caller) until every
                 // completion is reaped below.
