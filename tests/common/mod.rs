@@ -7,7 +7,7 @@ use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
@@ -511,6 +511,18 @@ pub fn as_user<F>(uid: u32, gid: u32, f: F) -> Result<(), i32>
 where
     F: FnOnce() -> io::Result<()>,
 {
+    // Test mounts live under the temp dir; another user must be able to
+    // walk into it, or every access fails EACCES for the wrong reason.
+    let tmp = std::env::temp_dir();
+    let mode = fs::metadata(&tmp)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0o777);
+    assert!(
+        mode & 0o001 != 0,
+        "the temp dir {} has mode {:o}: other users cannot enter it, so tests that run as another user cannot reach their mounts (chmod o+x it, or use another TMPDIR)",
+        tmp.display(),
+        mode & 0o7777
+    );
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
     if pid == 0 {
