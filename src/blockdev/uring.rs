@@ -304,7 +304,9 @@ impl Rings {
                 });
                 // SAFETY: the buffer behind the slot stays registered (its
                 // FixedBuffer is borrowed by the caller) until every
-                // completion is reaped below.
+                // completion is reaped below. The queue is empty at the
+                // start of a wave and a wave is at most RING_DEPTH long,
+                // so the push cannot fail and leave SQEs behind.
                 unsafe { ring.submission().push(&sqe) }
                     .map_err(|_| io::Error::other("io_uring submission queue full"))?;
             }
@@ -312,13 +314,16 @@ impl Rings {
             while pending > 0 {
                 match ring.submit_and_wait(1) {
                     Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => {
-                        // Nothing can be reaped reliably: give up on the
-                        // ring's state but never return with I/O in
-                        // flight on a ring others will use.
-                        return Err(e);
-                    }
+                    // Interrupted, or the completion queue is full: reap
+                    // what is there and wait again.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                        ) => {}
+                    // Only a broken ring (a bug) fails otherwise; its
+                    // ops cannot be waited for.
+                    Err(e) => return Err(e),
                 }
                 for cqe in ring.completion() {
                     pending -= 1;
