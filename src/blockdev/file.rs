@@ -257,7 +257,6 @@ impl BlockDevice for FileDevice {
                 && r.len % ALIGN == 0;
             if !self.direct || aligned {
                 self.raw_io(dir, ptr, r.len, r.dev_offset)?;
-                buf.count(|t| &t.direct, r.len);
             } else {
                 self.bounced(dir, ptr, r.len, r.dev_offset)?;
                 buf.count(|t| &t.bounced, r.len);
@@ -328,18 +327,23 @@ fn lock(file: &File, path: &Path, mode: OpenMode) -> Result<(), DeviceError> {
     }
 }
 
+/// A fresh sparse image file of `len` bytes in its own temp dir (removed
+/// when the returned guard drops), for tests of the layers above too.
+#[cfg(test)]
+pub(crate) fn temp_image(len: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    File::create(&path).unwrap().set_len(len).unwrap();
+    (dir, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn unaligned_transfers_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
+        let (_dir, path) = temp_image(1 << 20);
         let dev = FileDevice::open(&path, OpenMode::default()).unwrap();
         let data: Vec<u8> = (0..10000u32).map(|i| (i * 7) as u8).collect();
         dev.write_at(4096 * 3 + 5, &data[1..]).unwrap();
@@ -358,12 +362,7 @@ mod tests {
 
     #[test]
     fn second_writer_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
+        let (_dir, path) = temp_image(1 << 20);
         let _first = FileDevice::open(&path, OpenMode::default()).unwrap();
         let second = FileDevice::open(
             &path,
@@ -379,12 +378,7 @@ mod tests {
     fn fixed_buffers_move_data_and_split_unaligned_edges() {
         use crate::blockdev::Tally;
         use std::sync::atomic::Ordering;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
+        let (_dir, path) = temp_image(8 << 20);
         let mut dev = FileDevice::open(&path, OpenMode::default()).unwrap();
         if !dev.is_direct() {
             println!("SKIP: no O_DIRECT on the temp dir's filesystem");

@@ -62,12 +62,11 @@ pub struct IoBuffer<'a> {
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
-/// How a transfer's bytes moved, filled in by the backend: straight
-/// between buffer and device, through a CPU bounce, or as io_uring
-/// fixed-buffer I/O.
+/// How much of a transfer the backend did not move straight between
+/// buffer and device: bytes that went through a CPU bounce, and bytes
+/// that went as io_uring fixed-buffer I/O.
 #[derive(Debug, Default)]
 pub struct Tally {
-    pub direct: AtomicU64,
     pub bounced: AtomicU64,
     pub fixed: AtomicU64,
 }

@@ -41,7 +41,7 @@ const SLOTS: u32 = 1024;
 /// The largest piece one SQE carries (`len` is 32 bits).
 const MAX_SQE_LEN: usize = 64 << 20;
 /// `io_uring_register` refuses user buffers above this.
-pub const MAX_USER_BUFFER: usize = 1 << 30;
+const MAX_USER_BUFFER: usize = 1 << 30;
 
 #[repr(C)]
 #[derive(Default)]
@@ -111,15 +111,28 @@ pub fn probe_dmabuf_support() -> KernelSupport {
 
 /// One extended buffer-table update of slot `slot`.
 fn update_extended(ring_fd: RawFd, slot: u32, desc: &RegbufDesc) -> io::Result<()> {
+    update_slot(
+        ring_fd,
+        slot,
+        IORING_RSRC_UPDATE_EXTENDED,
+        desc as *const RegbufDesc as u64,
+    )
+}
+
+/// `IORING_REGISTER_BUFFERS_UPDATE` of one slot; `data` points at one
+/// iovec, or (with `IORING_RSRC_UPDATE_EXTENDED`) one descriptor, that
+/// the caller keeps alive for the call.
+fn update_slot(ring_fd: RawFd, slot: u32, flags: u32, data: u64) -> io::Result<()> {
     let up = RsrcUpdate2 {
         offset: slot,
-        flags: IORING_RSRC_UPDATE_EXTENDED,
-        data: desc as *const RegbufDesc as u64,
+        flags,
+        data,
         nr: 1,
         ..Default::default()
     };
-    // SAFETY: io_uring_register reads `up` and the one descriptor it
-    // points at, both alive for the call.
+    // SAFETY: io_uring_register reads `up` and the one entry it points
+    // at, both alive for the call; the kernel pins the memory an iovec
+    // describes (or clears the slot).
     let r = unsafe {
         libc::syscall(
             SYS_IO_URING_REGISTER,
@@ -210,12 +223,12 @@ impl Rings {
     /// Puts `src` into a free slot of every ring.
     pub fn register(self: &Arc<Self>, src: FixedSource<'_>) -> io::Result<FixedBuffer> {
         check_direct(self.dev_fd)?;
-        let (len, kind) = match &src {
+        let kind = match &src {
             FixedSource::User { len, .. } if *len > MAX_USER_BUFFER || *len == 0 => {
                 return Err(io::Error::from_raw_os_error(libc::E2BIG))
             }
-            FixedSource::User { len, .. } => (*len as u64, FixedKind::User),
-            FixedSource::Dmabuf(fd) => (dmabuf_size(fd.as_raw_fd())?, FixedKind::Dmabuf),
+            FixedSource::User { .. } => FixedKind::User,
+            FixedSource::Dmabuf(_) => FixedKind::Dmabuf,
         };
         let slot = self
             .free_slots
@@ -237,11 +250,10 @@ impl Rings {
                 return Err(e);
             }
         }
-        debug!("fixed buffer slot {slot}: {kind:?}, {len} bytes");
+        debug!("fixed buffer slot {slot}: {kind:?}");
         Ok(FixedBuffer {
             rings: Arc::clone(self),
             slot,
-            len,
             kind,
         })
     }
@@ -377,19 +389,10 @@ pub enum FixedKind {
 pub struct FixedBuffer {
     rings: Arc<Rings>,
     slot: u16,
-    len: u64,
     kind: FixedKind,
 }
 
 impl FixedBuffer {
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn kind(&self) -> FixedKind {
         self.kind
     }
@@ -411,34 +414,11 @@ impl Drop for FixedBuffer {
 
 /// Sets slot `slot` to user memory, or clears it (null address, length 0).
 fn set_user_slot(ring_fd: RawFd, slot: u16, addr: *mut u8, len: usize) -> io::Result<()> {
-    // SAFETY: a borrowed view of a ring fd owned by Rings for its life.
-    let ring = unsafe { BorrowedFd::borrow_raw(ring_fd) };
     let iov = libc::iovec {
         iov_base: addr.cast(),
         iov_len: len,
     };
-    let up = RsrcUpdate2 {
-        offset: slot as u32,
-        data: &iov as *const libc::iovec as u64,
-        nr: 1,
-        ..Default::default()
-    };
-    // SAFETY: io_uring_register reads `up` and the iovec it points at;
-    // the kernel pins the memory it describes (or clears the slot).
-    let r = unsafe {
-        libc::syscall(
-            SYS_IO_URING_REGISTER,
-            ring.as_raw_fd(),
-            IORING_REGISTER_BUFFERS_UPDATE,
-            &up as *const RsrcUpdate2,
-            size_of::<RsrcUpdate2>() as u32,
-        )
-    };
-    match r {
-        1 => Ok(()),
-        r if r < 0 => Err(io::Error::last_os_error()),
-        r => Err(io::Error::other(format!("buffer update did {r} of 1"))),
-    }
+    update_slot(ring_fd, slot as u32, 0, &iov as *const libc::iovec as u64)
 }
 
 /// Refuses a device fd that is not (or no longer) `O_DIRECT`.
@@ -455,15 +435,6 @@ fn check_direct(fd: RawFd) -> io::Result<()> {
         ));
     }
     Ok(())
-}
-
-fn dmabuf_size(fd: RawFd) -> io::Result<u64> {
-    // SAFETY: lseek on an fd the caller keeps open.
-    let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
-    if end < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(end as u64)
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ fn serve(
             mountpoint.display()
         ));
     }
-    let dev = FileDevice::open(
+    let mut dev = FileDevice::open(
         &source,
         OpenMode {
             read_only: opts.read_only,
@@ -157,7 +157,6 @@ fn serve(
         },
     )
     .map_err(|e| format!("cannot open {}: {e}", source.display()))?;
-    let mut dev = dev;
     let plain = opts.test_fail_after.is_none() && opts.test_undo_log.is_none();
     let backend = tokens::choose(opts.tokens, &mut dev, plain)?;
     let mut dev: Arc<dyn BlockDevice> = Arc::new(dev);

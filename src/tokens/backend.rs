@@ -125,16 +125,12 @@ pub fn choose(choice: Choice, dev: &mut FileDevice, plain: bool) -> Result<Backe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blockdev::file::temp_image;
     use crate::blockdev::OpenMode;
 
     #[test]
     fn choices_on_an_image_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
+        let (_dir, path) = temp_image(1 << 20);
         let mut dev = FileDevice::open(&path, OpenMode::default()).unwrap();
         let mapped = choose(Choice::Mapped, &mut dev, true).unwrap();
         assert!(!mapped.is_kernel());
