@@ -293,3 +293,71 @@ fn periodic_commit_persists_unsynced_changes() {
     m.unmount();
     img.assert_fsck_clean();
 }
+
+/// Creates `names` in a fresh directory, fsyncs the directory once, kills
+/// the daemon and checks every name came back with fsck clean.
+fn creates_survive_dir_fsync_and_sigkill(names: &[String]) {
+    let img = Image::new("256M");
+    let mut m = img.mount_with("commit=3600");
+    let dir = m.join("d");
+    fs::create_dir(&dir).unwrap();
+    for n in names {
+        fs::File::create(dir.join(n)).unwrap();
+    }
+    fsync_dir(&dir);
+    fsync_dir(m.path());
+    m.kill();
+    let out = img.fsck();
+    assert!(
+        out.status.success(),
+        "fsck after SIGKILL:\n{}",
+        output_text(&out)
+    );
+    m.mount();
+    let mut back: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    back.sort();
+    let mut want = names.to_vec();
+    want.sort();
+    let lost: Vec<_> = want
+        .iter()
+        .filter(|n| back.binary_search(n).is_err())
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} fsynced names lost, e.g. {:?}",
+        lost.len(),
+        want.len(),
+        lost.iter().take(3).collect::<Vec<_>>()
+    );
+    assert_eq!(back.len(), want.len());
+    m.unmount();
+    img.assert_fsck_clean();
+}
+
+#[test]
+fn names_of_every_length_survive_a_dir_fsync_and_sigkill() {
+    let names: Vec<String> = (1..=255usize)
+        .map(|len| {
+            if len < 3 {
+                return "z".repeat(len);
+            }
+            let mut n = format!("{len}-");
+            let fill = (b'a' + (len % 26) as u8) as char;
+            n.extend(std::iter::repeat_n(fill, len - n.len()));
+            n
+        })
+        .collect();
+    assert!(names.iter().enumerate().all(|(i, n)| n.len() == i + 1));
+    creates_survive_dir_fsync_and_sigkill(&names);
+}
+
+#[test]
+fn ten_thousand_creates_in_one_commit_survive_sigkill() {
+    let names: Vec<String> = (0..10_000)
+        .map(|i| format!("file-{i:05}-{}", "n".repeat(10 + i % 30)))
+        .collect();
+    creates_survive_dir_fsync_and_sigkill(&names);
+}

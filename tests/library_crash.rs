@@ -324,3 +324,212 @@ fn torn_and_corrupt_metadata_is_refused_not_panicked() {
         }
     }
 }
+
+/// A device whose writes and flushes fail while `failing` is set, and
+/// whose flushes take a while then.
+struct Flaky {
+    inner: Arc<MemDevice>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), dmabuf_fs::blockdev::DeviceError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Flaky {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn submit(
+        &self,
+        dir: dmabuf_fs::blockdev::Direction,
+        buf: &dmabuf_fs::blockdev::IoBuffer<'_>,
+        ranges: &[dmabuf_fs::blockdev::IoRange],
+    ) -> Result<(), dmabuf_fs::blockdev::DeviceError> {
+        if dir == dmabuf_fs::blockdev::Direction::Write {
+            self.check()?;
+        }
+        self.inner.submit(dir, buf, ranges)
+    }
+    fn flush(&self) -> Result<(), dmabuf_fs::blockdev::DeviceError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        self.check()?;
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        "flaky test device".into()
+    }
+}
+
+#[test]
+fn a_failed_commit_fails_every_later_fsync() {
+    let mem = fresh(16 << 20);
+    let dev = Arc::new(Flaky {
+        inner: mem.clone(),
+        failing: false.into(),
+    });
+    let fs = Fs::mount(dev.clone() as Arc<dyn BlockDevice>, opts()).unwrap();
+    let (kept, fh) = fs
+        .create(ROOT, ROOT_INO, b"kept", 0o644, true, true)
+        .unwrap();
+    fs.release(fh).unwrap();
+    fs.fsync(kept.ino).unwrap();
+    let (lost, fh) = fs
+        .create(ROOT, ROOT_INO, b"lost", 0o644, true, true)
+        .unwrap();
+    fs.release(fh).unwrap();
+    dev.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A periodic commit takes the queue and fails slowly; an fsync that
+    // arrives meanwhile waits behind it and must not find "nothing to do".
+    let periodic = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.commit())
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let waiting = fs.fsync(lost.ino);
+    let first = periodic
+        .join()
+        .unwrap()
+        .expect_err("commit on a failing device");
+    assert_eq!(first.errno(), libc::EIO);
+    let waiting = waiting.expect_err("an fsync behind a failed commit returned 0");
+    assert_eq!(waiting.errno(), libc::EIO, "{waiting}");
+    // The device works again, but what the failed commit carried is gone:
+    // no later fsync may claim otherwise, and no change is taken.
+    dev.failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..2 {
+        let again = fs.fsync(lost.ino).expect_err("fsync after a failed commit");
+        assert_eq!(again.errno(), libc::EIO, "{again}");
+    }
+    let refused = fs
+        .create(ROOT, ROOT_INO, b"later", 0o644, true, true)
+        .expect_err("a change after a failed commit");
+    assert_eq!(refused.errno(), libc::EROFS);
+    fs.unmount().unwrap();
+    drop(fs);
+    let img = mem.crash_image(|_, _, _| false);
+    let report = check::fsck(&MemDevice::from_bytes(img.clone()), false).unwrap();
+    assert!(report.remaining.is_empty(), "{:?}", report.remaining);
+    let fs = mount(&Arc::new(MemDevice::from_bytes(img)));
+    assert!(fs.lookup(ROOT_INO, b"kept").is_ok());
+    assert!(fs.lookup(ROOT_INO, b"lost").is_err());
+}
+
+#[test]
+fn truncate_and_punch_never_zero_fsynced_bytes_in_place() {
+    let dev = fresh(16 << 20);
+    let fs = mount(&dev);
+    let (a, fh) = fs.create(ROOT, ROOT_INO, b"f", 0o644, true, true).unwrap();
+    fs.release(fh).unwrap();
+    let want = vec![0xAAu8; 3 * 4096 + 100];
+    fs.write(a.ino, 0, &want).unwrap();
+    fs.fsync(a.ino).unwrap();
+    // Not fsynced: shrink into block 1, grow again, punch inside block 2,
+    // zero a range inside block 0.
+    let set = |size| fs::SetAttr {
+        size: Some(size),
+        ..fs::SetAttr::default()
+    };
+    fs.setattr(a.ino, &set(5000)).unwrap();
+    fs.setattr(a.ino, &set(want.len() as u64)).unwrap();
+    fs.fallocate(ROOT, a.ino, 9000, 100, fs::FallocMode::PunchHole)
+        .unwrap();
+    fs.fallocate(
+        ROOT,
+        a.ino,
+        10,
+        20,
+        fs::FallocMode::ZeroRange { keep_size: true },
+    )
+    .unwrap();
+    assert_eq!(read_all(&fs, a.ino)[5000], 0, "the shrink zeroed the tail");
+    // Power cut: every unflushed data write kept, the metadata not
+    // committed. The fsynced file must come back byte for byte.
+    let img = dev.crash_image(|_, _, _| true);
+    drop(fs);
+    let dev = Arc::new(MemDevice::from_bytes(img));
+    let fs = mount(&dev);
+    let ino = fs.lookup(ROOT_INO, b"f").unwrap().ino;
+    let got = read_all(&fs, ino);
+    assert_eq!(got.len(), want.len());
+    let first_bad = got.iter().zip(&want).position(|(g, w)| g != w);
+    assert_eq!(
+        first_bad, None,
+        "fsynced bytes changed by an unsynced truncate/punch"
+    );
+    fs.unmount().unwrap();
+}
+
+/// Commits three times after a checkpoint; returns the image.
+fn image_with_commits_after_a_checkpoint() -> (Arc<MemDevice>, Vec<u8>) {
+    let dev = fresh(16 << 20);
+    let fs = mount(&dev);
+    fs.checkpoint().unwrap();
+    for i in 0..3u32 {
+        let name = format!("file-{i}-{}", "x".repeat(200));
+        let (a, fh) = fs
+            .create(ROOT, ROOT_INO, name.as_bytes(), 0o644, true, true)
+            .unwrap();
+        fs.release(fh).unwrap();
+        fs.setxattr(a.ino, b"user.pad", &[i as u8; 6000], fs::XattrMode::Any)
+            .unwrap();
+        fs.fsync(a.ino).unwrap();
+    }
+    let img = dev.snapshot();
+    drop(fs);
+    (dev, img)
+}
+
+#[test]
+fn damage_in_the_log_or_the_newest_checkpoint_is_refused_not_rolled_back() {
+    use dmabuf_fs::format::{CheckpointHeader, Superblock, BLOCK_SIZE, LOG_START_BLOCK};
+    let (_, img) = image_with_commits_after_a_checkpoint();
+    let sb = Superblock::decode(&img[..4096]).unwrap();
+    assert!(sb.log_blocks > 8);
+    let clean = MemDevice::from_bytes(img.clone());
+    assert!(Fs::mount(Arc::new(clean) as Arc<dyn BlockDevice>, opts()).is_ok());
+
+    // A flipped byte in the first commit's body, with two newer commits.
+    let mut bad_log = img.clone();
+    bad_log[(LOG_START_BLOCK * BLOCK_SIZE) as usize + 500] ^= 0x40;
+    let dev = MemDevice::from_bytes(bad_log);
+    let err = Fs::mount(Arc::new(dev) as Arc<dyn BlockDevice>, opts())
+        .err()
+        .expect("mount of a damaged log");
+    assert!(err.to_string().contains("damaged"), "{err}");
+    let err = check::fsck(&MemDevice::from_bytes(img.clone()), false).map(|_| ());
+    assert!(err.is_ok(), "the clean image checks clean: {err:?}");
+    let mut bad_log = img.clone();
+    bad_log[(LOG_START_BLOCK * BLOCK_SIZE) as usize + 500] ^= 0x40;
+    let dev = MemDevice::from_bytes(bad_log);
+    assert!(matches!(
+        check::fsck(&dev, false),
+        Err(fs::FsError::Corrupt(_))
+    ));
+    let repaired = check::fsck(&dev, true).expect("fsck --repair salvages");
+    assert!(repaired.repaired);
+    assert!(Fs::mount(Arc::new(dev) as Arc<dyn BlockDevice>, opts()).is_ok());
+
+    // The newest checkpoint's snapshot is unreadable: its log was written
+    // after it, so the older checkpoint cannot stand in silently.
+    let newest = [1usize, 2]
+        .iter()
+        .filter_map(|&b| CheckpointHeader::decode(&img[b * 4096..(b + 1) * 4096]).ok())
+        .max_by_key(|h| h.seq)
+        .unwrap();
+    let mut bad_ckpt = img.clone();
+    bad_ckpt[(newest.extents[0].0 * BLOCK_SIZE) as usize + 100] ^= 0x01;
+    let dev = MemDevice::from_bytes(bad_ckpt);
+    let err = Fs::mount(Arc::new(dev) as Arc<dyn BlockDevice>, opts())
+        .err()
+        .expect("mount with the newest snapshot damaged");
+    assert!(err.to_string().contains("reused"), "{err}");
+}

@@ -1,6 +1,6 @@
 //! Mount-time parsing: every decoder alone, then whole images (a small
 //! valid filesystem with the input laid over its metadata, or appended to
-//! its log as correctly checksummed records) through fsck and a
+//! its log as one correctly checksummed commit) through fsck and a
 //! read-only mount that then reads everything. Nothing may panic.
 #![no_main]
 
@@ -8,8 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use dmabuf_fs::blockdev::{BlockDevice, MemDevice};
 use dmabuf_fs::format::{
-    encode_log_record, parse_log, CheckpointHeader, Record, Superblock, BLOCK_SIZE,
-    LOG_START_BLOCK,
+    encode_commit, scan_log, CheckpointHeader, Record, Superblock, BLOCK_SIZE, LOG_START_BLOCK,
 };
 use dmabuf_fs::fs::{self, check, Caller, Fs, MountOptions, ROOT_INO};
 use libfuzzer_sys::fuzz_target;
@@ -79,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = Superblock::decode(data);
     let _ = CheckpointHeader::decode(data);
     let _ = Record::from_bytes(data);
-    let _ = parse_log(data, 0, 1);
+    let _ = scan_log(data, 0, 1);
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
@@ -103,8 +102,8 @@ fuzz_target!(|data: &[u8]| {
                 img[at + i] ^= b;
             }
         }
-        // Checksummed log records with arbitrary payloads (2-byte lengths),
-        // replayed on top of the newest checkpoint.
+        // A checksummed log commit of records with arbitrary payloads
+        // (2-byte lengths), replayed on top of the newest checkpoint.
         _ => {
             let epoch = (1..=2)
                 .filter_map(|slot| {
@@ -113,15 +112,14 @@ fuzz_target!(|data: &[u8]| {
                 .map(|h| h.seq)
                 .max()
                 .unwrap_or(1);
-            let mut log = Vec::new();
+            let mut records = Vec::new();
             let mut r = rest;
-            let mut lsn = 0;
             while r.len() >= 2 {
                 let n = (u16::from_le_bytes([r[0], r[1]]) as usize).min(r.len() - 2);
-                encode_log_record(&mut log, sb.salt(), epoch, lsn, &r[2..2 + n]);
-                lsn += 1;
+                records.push(r[2..2 + n].to_vec());
                 r = &r[2 + n..];
             }
+            let log = encode_commit(sb.salt(), epoch, 0, &records);
             let at = LOG_START_BLOCK as usize * bs;
             let n = log.len().min(sb.log_blocks as usize * bs);
             img[at..at + n].copy_from_slice(&log[..n]);

@@ -14,6 +14,7 @@
 pub mod fault;
 pub mod file;
 pub mod mem;
+pub mod record;
 pub mod undo;
 pub mod uring;
 

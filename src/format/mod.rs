@@ -5,29 +5,33 @@
 //! ```text
 //!  0            superblock (geometry, uuid, crc32c)
 //!  1, 2         checkpoint headers A and B (alternate; newest valid wins)
-//!  3 .. 3+L     metadata log (checksummed records appended by fsync/commit)
+//!  3 .. 3+L     metadata log (checksummed commits appended by fsync/commit)
 //!  3+L .. N-1   data area: file extents and checkpoint snapshots
 //!  N-1          superblock copy
 //! ```
 //!
 //! A checkpoint is a full snapshot of the metadata ([`Record`]s that rebuild
 //! it) stored in data-area extents that the header lists. The log holds the
-//! records appended since that checkpoint, tagged with the checkpoint's
+//! commits appended since that checkpoint, tagged with the checkpoint's
 //! sequence number (the log *epoch*) so stale records of an older epoch are
 //! never replayed. This module only encodes and decodes; `fs` decides what
 //! to write and when.
 
 pub mod codec;
+pub mod log;
 mod record;
 
 pub use codec::{Decoder, Encoder};
+pub use log::{commit_bytes, encode_commit, scan_log, LogScan, COMMIT_HEADER_BYTES};
 pub use record::{InodeAttrs, Kind, Record, Timespec};
 
 use thiserror::Error;
 
 pub const BLOCK_SIZE: u64 = 4096;
 pub const MAGIC: &[u8; 8] = b"DMABUFFS";
-pub const VERSION: u32 = 1;
+/// Version 2: the log is framed in whole commits ([`log`]); version 1
+/// packed single records and could lose committed ones at block edges.
+pub const VERSION: u32 = 2;
 pub const SUPERBLOCK_BLOCK: u64 = 0;
 pub const CHECKPOINT_HEADER_BLOCKS: [u64; 2] = [1, 2];
 pub const LOG_START_BLOCK: u64 = 3;
@@ -41,8 +45,6 @@ pub const MAX_NAME_LEN: usize = 255;
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
 
 const CHECKPOINT_MAGIC: &[u8; 8] = b"DMFSCKPT";
-/// Bytes of a log record header: len u32, crc u32, epoch u64, lsn u64.
-pub const LOG_RECORD_HEADER: usize = 24;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FormatError {
@@ -56,6 +58,8 @@ pub enum FormatError {
     Magic(&'static str),
     #[error("unsupported format version {0} (this build reads version {VERSION})")]
     Version(u32),
+    #[error("format version {0} was written by an older dmabuf-fs whose log can lose committed changes at block edges; this build reads version {VERSION} only: copy the files off with the older build, then mkfs again")]
+    OldVersion(u32),
 }
 
 pub fn crc(data: &[u8]) -> u32 {
@@ -138,6 +142,9 @@ impl Superblock {
         check_block_seal(block, WHAT)?;
         let mut d = Decoder::new(&block[8..], WHAT);
         let version = d.u32()?;
+        if version < VERSION {
+            return Err(FormatError::OldVersion(version));
+        }
         if version != VERSION {
             return Err(FormatError::Version(version));
         }
@@ -290,66 +297,6 @@ pub fn recognise(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Frames one log record: header (len, crc, epoch, lsn) then payload.
-pub fn encode_log_record(out: &mut Vec<u8>, salt: u32, epoch: u64, lsn: u64, payload: &[u8]) {
-    let mut body = Vec::with_capacity(16 + payload.len());
-    body.extend_from_slice(&epoch.to_le_bytes());
-    body.extend_from_slice(&lsn.to_le_bytes());
-    body.extend_from_slice(payload);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&salted_crc(salt, &body).to_le_bytes());
-    out.extend_from_slice(&body);
-}
-
-/// Walks a log region image and yields the payloads of the valid records
-/// of `epoch`, in order, stopping at the first record that is torn, of
-/// another epoch, or out of sequence.
-///
-/// Each commit starts at a block boundary and ends with zero padding, so a
-/// zero length means "skip to the next block".
-pub fn parse_log(region: &[u8], salt: u32, epoch: u64) -> Vec<&[u8]> {
-    let bs = BLOCK_SIZE as usize;
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    let mut next_lsn = 0u64;
-    while pos + LOG_RECORD_HEADER <= region.len() {
-        let in_block = pos % bs;
-        if in_block + LOG_RECORD_HEADER > bs && in_block != 0 {
-            pos += bs - in_block;
-            continue;
-        }
-        let len = u32::from_le_bytes(region[pos..pos + 4].try_into().unwrap()) as usize;
-        if len == 0 {
-            if in_block == 0 {
-                break;
-            }
-            pos += bs - in_block;
-            continue;
-        }
-        let stored_crc = u32::from_le_bytes(region[pos + 4..pos + 8].try_into().unwrap());
-        let body_start = pos + 8;
-        let Some(end) = body_start
-            .checked_add(16 + len)
-            .filter(|&e| e <= region.len())
-        else {
-            break;
-        };
-        let body = &region[body_start..end];
-        if salted_crc(salt, body) != stored_crc {
-            break;
-        }
-        let rec_epoch = u64::from_le_bytes(body[..8].try_into().unwrap());
-        let lsn = u64::from_le_bytes(body[8..16].try_into().unwrap());
-        if rec_epoch != epoch || lsn != next_lsn {
-            break;
-        }
-        out.push(&body[16..]);
-        next_lsn += 1;
-        pos = end;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,27 +337,5 @@ mod tests {
             ..h
         };
         assert!(CheckpointHeader::decode(&short.encode()).is_err());
-    }
-
-    #[test]
-    fn log_parse_stops_at_torn_or_stale_records() {
-        let mut region = Vec::new();
-        encode_log_record(&mut region, 11, 5, 0, b"first");
-        encode_log_record(&mut region, 11, 5, 1, b"second");
-        region.resize(4096, 0); // commit padding
-        encode_log_record(&mut region, 11, 5, 2, b"third");
-        let third_end = region.len();
-        encode_log_record(&mut region, 11, 4, 3, b"stale epoch");
-        region.resize(3 * 4096, 0);
-        let got = parse_log(&region, 11, 5);
-        assert_eq!(got, vec![&b"first"[..], b"second", b"third"]);
-
-        // A flipped bit in the third record ends the log before it.
-        let mut torn = region.clone();
-        torn[third_end - 1] ^= 0xff;
-        assert_eq!(parse_log(&torn, 11, 5).len(), 2);
-        // Another filesystem's salt or another epoch sees nothing.
-        assert!(parse_log(&region, 12, 5).is_empty());
-        assert!(parse_log(&region, 11, 6).is_empty());
     }
 }

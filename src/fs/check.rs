@@ -273,10 +273,16 @@ pub struct Report {
 /// superblock or checkpoint).
 pub fn fsck(dev: &dyn BlockDevice, repair: bool) -> Result<Report> {
     let sb = super::read_superblock(dev)?;
-    let loaded = journal::load(dev, &sb)?;
+    let loaded = journal::load(dev, &sb, repair)?;
     let mut meta = loaded.meta;
     let problems = verify(&sb, &meta, &loaded.checkpoint);
     let mut notes = loaded.skipped;
+    if loaded.torn_tail {
+        notes.push(
+            "the newest log commit was torn by a crash and is dropped whole (it was never acknowledged to an fsync)"
+                .into(),
+        );
+    }
     if loaded.replayed > 0 {
         notes.push(format!(
             "{} log record(s) after checkpoint {} replayed (the filesystem was not unmounted cleanly)",
@@ -285,7 +291,7 @@ pub fn fsck(dev: &dyn BlockDevice, repair: bool) -> Result<Report> {
     }
     let mut remaining = problems.clone();
     let mut repaired = false;
-    if repair && !problems.is_empty() {
+    if repair && (!problems.is_empty() || loaded.salvaged) {
         for p in &problems {
             fix(&mut meta, p);
         }

@@ -48,6 +48,10 @@ pub enum FsError {
     Io(#[from] DeviceError),
     #[error("corrupt filesystem: {0}")]
     Corrupt(String),
+    /// An earlier commit failed: what it carried is lost, the mount takes
+    /// no more changes, and every later fsync says so.
+    #[error("an earlier commit failed: changes since the last good commit are lost")]
+    CommitFailed,
 }
 
 impl FsError {
@@ -73,7 +77,7 @@ impl FsError {
             FsError::TooManyLinks => libc::EMLINK,
             // Device failures and corruption found while serving: never
             // wrong data, always EIO.
-            FsError::Io(_) | FsError::Corrupt(_) => libc::EIO,
+            FsError::Io(_) | FsError::Corrupt(_) | FsError::CommitFailed => libc::EIO,
         }
     }
 }

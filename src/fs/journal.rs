@@ -1,14 +1,16 @@
 //! Durability: checkpoints and the metadata log on the device.
 //!
 //! Live changes are applied to [`Meta`] and their records queued here;
-//! a commit writes the queue to the log region and flushes. When the log
-//! is full, a checkpoint writes a whole snapshot to free data blocks and
-//! points the older header slot at it, which empties the log.
+//! a commit frames the whole queue as one log commit (see
+//! [`crate::format::log`]), writes it and flushes, so a crash keeps every
+//! operation of a commit or none. When the log is full, a checkpoint
+//! writes a whole snapshot to free data blocks and points the older header
+//! slot at it, which empties the log and starts a new epoch.
 
 use crate::blockdev::{AlignedBuf, BlockDevice};
 use crate::format::{
-    encode_log_record, parse_log, salted_crc, CheckpointHeader, Decoder, Encoder, Record,
-    Superblock, BLOCK_SIZE, CHECKPOINT_HEADER_BLOCKS, LOG_START_BLOCK,
+    encode_commit, salted_crc, scan_log, CheckpointHeader, Decoder, Encoder, Record, Superblock,
+    BLOCK_SIZE, CHECKPOINT_HEADER_BLOCKS, LOG_START_BLOCK,
 };
 
 use super::error::{FsError, Result};
@@ -23,10 +25,14 @@ pub struct Journal {
     pub epoch: u64,
     /// Bytes of the log region in use (always a whole number of blocks).
     pub log_used: u64,
-    /// Next on-disk sequence number within the epoch.
-    pub disk_lsn: u64,
-    /// (global lsn, encoded record) not yet written.
-    pub queued: Vec<(u64, Vec<u8>)>,
+    /// Sequence number of the next commit within the epoch.
+    pub next_commit: u64,
+    /// Encoded records not yet written, whole operations only whenever
+    /// the state lock is free (an operation queues all of its records
+    /// under one hold of it).
+    pub queued: Vec<Vec<u8>>,
+    /// Global sequence number of the next record queued; records up to
+    /// `next_lsn - 1` are in the queue or already durable.
     pub next_lsn: u64,
     /// The current checkpoint (its blocks are in use).
     pub checkpoint: CheckpointHeader,
@@ -39,7 +45,7 @@ impl Journal {
             log_blocks: sb.log_blocks,
             epoch: checkpoint.seq,
             log_used: 0,
-            disk_lsn: 0,
+            next_commit: 0,
             queued: Vec::new(),
             next_lsn: 1,
             checkpoint,
@@ -50,26 +56,34 @@ impl Journal {
     pub fn push(&mut self, rec: &Record) -> u64 {
         let lsn = self.next_lsn;
         self.next_lsn += 1;
-        self.queued.push((lsn, rec.to_bytes()));
+        self.queued.push(rec.to_bytes());
         lsn
     }
 
-    /// Frames queued records for the log, padded to whole blocks, or None
-    /// if they do not fit in what is left of the log region.
-    pub fn frame(&self, records: &[(u64, Vec<u8>)]) -> Option<Vec<u8>> {
-        let mut out = Vec::new();
-        for (i, (_, payload)) in records.iter().enumerate() {
-            encode_log_record(
-                &mut out,
-                self.salt,
-                self.epoch,
-                self.disk_lsn + i as u64,
-                payload,
-            );
-        }
-        let padded = (out.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
-        out.resize(padded as usize, 0);
-        (self.log_used + padded <= self.log_blocks * BLOCK_SIZE).then_some(out)
+    /// Frames `records` as the next commit, or None if it does not fit in
+    /// what is left of the log region.
+    pub fn frame(&self, records: &[Vec<u8>]) -> Option<Vec<u8>> {
+        let framed = encode_commit(self.salt, self.epoch, self.next_commit, records);
+        (self.log_used + framed.len() as u64 <= self.log_blocks * BLOCK_SIZE).then_some(framed)
+    }
+
+    /// Byte offset on the device where the next commit goes.
+    pub fn tail(&self) -> u64 {
+        LOG_START_BLOCK * BLOCK_SIZE + self.log_used
+    }
+
+    /// Notes that a framed commit of `bytes` is durable.
+    pub fn advance(&mut self, bytes: u64) {
+        self.log_used += bytes;
+        self.next_commit += 1;
+    }
+
+    /// Starts the log of a new checkpoint.
+    pub fn restart(&mut self, checkpoint: CheckpointHeader) -> CheckpointHeader {
+        self.epoch = checkpoint.seq;
+        self.log_used = 0;
+        self.next_commit = 0;
+        std::mem::replace(&mut self.checkpoint, checkpoint)
     }
 }
 
@@ -136,12 +150,25 @@ pub struct Loaded {
     pub checkpoint: CheckpointHeader,
     /// Log records replayed on top of the checkpoint.
     pub replayed: usize,
-    /// Why other checkpoint slots were not used (for fsck and logs).
+    /// The newest log commit was written only in part (a crash during a
+    /// commit; its operations were not durable yet and are dropped whole).
+    pub torn_tail: bool,
+    /// Why other checkpoint slots were not used, and what a salvaging
+    /// load dropped (for fsck and logs).
     pub skipped: Vec<String>,
+    /// A salvaging load dropped damaged metadata.
+    pub salvaged: bool,
 }
 
 /// Loads the newest valid checkpoint and replays its log.
-pub fn load(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Loaded> {
+///
+/// A checkpoint header that fails its checksum is a torn header write: the
+/// older checkpoint and its log are then intact and used. A header that
+/// checks out but points at an unreadable snapshot is damage: the older
+/// checkpoint's log has been reused since, so falling back to it would
+/// silently lose changes. That is refused unless `fall_back` (fsck
+/// --repair) asks for the older checkpoint anyway.
+pub fn load(dev: &dyn BlockDevice, sb: &Superblock, fall_back: bool) -> Result<Loaded> {
     let salt = sb.salt();
     let mut headers = Vec::new();
     let mut skipped = Vec::new();
@@ -154,18 +181,37 @@ pub fn load(dev: &dyn BlockDevice, sb: &Superblock) -> Result<Loaded> {
         }
     }
     headers.sort_by_key(|h| std::cmp::Reverse(h.seq));
+    let mut salvaged = false;
     for h in headers {
         match load_snapshot(dev, sb, salt, &h) {
             Ok(mut meta) => {
-                let replayed = replay_log(dev, sb, salt, h.seq, &mut meta)?;
+                let (replayed, torn_tail, damaged) =
+                    replay_log(dev, sb, salt, h.seq, &mut meta, fall_back, &mut skipped)?;
+                salvaged |= damaged;
                 return Ok(Loaded {
                     meta,
                     checkpoint: h,
                     replayed,
+                    torn_tail,
+                    salvaged,
                     skipped,
                 });
             }
-            Err(e) => skipped.push(format!("checkpoint {}: {e}", h.seq)),
+            Err(e) if fall_back => {
+                salvaged = true;
+                skipped.push(format!(
+                    "checkpoint {}: {e}; fell back to the older checkpoint (changes after it are lost)",
+                    h.seq
+                ))
+            }
+            Err(e) => {
+                return Err(FsError::Corrupt(format!(
+                    "checkpoint {}: {e}; the older checkpoint's log has been reused since, \
+                     so mounting it would silently lose changes (`dmabuf-fs fsck --repair` \
+                     falls back to it)",
+                    h.seq
+                )))
+            }
         }
     }
     Err(FsError::Corrupt(format!(
@@ -218,14 +264,30 @@ fn replay_log(
     salt: u32,
     epoch: u64,
     meta: &mut Meta,
-) -> Result<usize> {
+    salvage: bool,
+    notes: &mut Vec<String>,
+) -> Result<(usize, bool, bool)> {
     let mut region = AlignedBuf::new((sb.log_blocks * BLOCK_SIZE) as usize);
     dev.read_at(LOG_START_BLOCK * BLOCK_SIZE, &mut region)?;
-    let payloads = parse_log(&region, salt, epoch);
-    for p in &payloads {
-        let rec = Record::from_bytes(p)?;
-        meta.apply(&rec)
-            .map_err(|e| FsError::Corrupt(format!("log replay: {e}")))?;
+    let scan = scan_log(&region, salt, epoch);
+    if let Some(damage) = &scan.damage {
+        let what = format!("the log after checkpoint {epoch} is damaged: {damage}");
+        if !salvage {
+            return Err(FsError::Corrupt(format!(
+                "{what} (`dmabuf-fs fsck --repair` keeps the commits before the damage)"
+            )));
+        }
+        notes.push(format!(
+            "{what}; salvaged the {} commit(s) before it",
+            scan.commits.len()
+        ));
     }
-    Ok(payloads.len())
+    for commit in &scan.commits {
+        for p in commit {
+            let rec = Record::from_bytes(p)?;
+            meta.apply(&rec)
+                .map_err(|e| FsError::Corrupt(format!("log replay: {e}")))?;
+        }
+    }
+    Ok((scan.records(), scan.torn_tail, scan.damage.is_some()))
 }

@@ -321,7 +321,7 @@ impl Fs {
     /// the log, checks the metadata and reclaims orphans.
     pub fn mount(dev: Arc<dyn BlockDevice>, opts: MountOptions) -> Result<Arc<Fs>> {
         let sb = read_superblock(dev.as_ref())?;
-        let loaded = journal::load(dev.as_ref(), &sb)?;
+        let loaded = journal::load(dev.as_ref(), &sb, false)?;
         for s in &loaded.skipped {
             info!("{s}");
         }
@@ -367,11 +367,10 @@ impl Fs {
             if orphans > 0 {
                 info!("reclaimed {orphans} orphaned inode(s)");
             }
-            if replayed > 0 || orphans > 0 {
-                // Start a fresh log epoch so new commits never interleave
-                // with the replayed tail.
-                fs.checkpoint()?;
-            }
+            // Every writable mount starts a fresh log epoch, so its commits
+            // never follow (or sit before) a tail an earlier mount left,
+            // torn or not.
+            fs.checkpoint()?;
             fs.start_committer();
         }
         Ok(fs)
@@ -448,13 +447,29 @@ impl Fs {
             .extend(freed.into_iter().map(|(s, l)| (lsn, s, l)));
     }
 
-    /// Makes every change made so far durable.
+    /// Makes every change made so far durable: one log commit holding
+    /// every queued operation, written after a flush of the data they
+    /// point at and followed by a flush of its own.
+    ///
+    /// A failed commit breaks the mount: the records it carried are gone
+    /// from memory, so every later `commit`/`fsync` reports
+    /// [`FsError::CommitFailed`] (EIO) rather than pretending, and every
+    /// change gets EROFS. Keeping the records queued for a retry was the
+    /// other choice; a device that failed a write or flush is not trusted
+    /// with the next one (Linux's errseq rule makes the same promise: once
+    /// write-back failed, fsync says so).
     pub fn commit(&self) -> Result<()> {
         if self.opts.read_only {
             return Ok(());
         }
         let _sync = self.sync_lock.lock();
-        let queued = std::mem::take(&mut self.journal.lock().queued);
+        self.fail_if_broken()?;
+        let (queued, upto) = {
+            // Under the state lock no operation is half-queued.
+            let _st = self.state.read();
+            let mut j = self.journal.lock();
+            (std::mem::take(&mut j.queued), j.next_lsn - 1)
+        };
         let dirty = self.data_dirty.swap(false, Ordering::SeqCst);
         if queued.is_empty() {
             if dirty {
@@ -462,7 +477,6 @@ impl Fs {
             }
             return Ok(());
         }
-        let upto = queued.last().map(|q| q.0).unwrap_or(0);
         let framed = self.journal.lock().frame(&queued);
         let Some(bytes) = framed else {
             // The log is full: a checkpoint covers these records.
@@ -471,19 +485,12 @@ impl Fs {
         };
         // Ordered mode: the data the records point at goes first.
         self.dev.flush().inspect_err(|_| self.fail("flush"))?;
-        let at = {
-            let j = self.journal.lock();
-            LOG_START_BLOCK * BS + j.log_used
-        };
+        let at = self.journal.lock().tail();
         self.dev
             .write_at(at, &bytes)
             .and_then(|_| self.dev.flush())
             .inspect_err(|_| self.fail("log write"))?;
-        {
-            let mut j = self.journal.lock();
-            j.log_used += bytes.len() as u64;
-            j.disk_lsn += queued.len() as u64;
-        }
+        self.journal.lock().advance(bytes.len() as u64);
         self.release_durable(upto);
         Ok(())
     }
@@ -498,6 +505,7 @@ impl Fs {
     }
 
     fn checkpoint_locked(&self) -> Result<()> {
+        self.fail_if_broken()?;
         self.dev.flush().inspect_err(|_| self.fail("flush"))?;
         self.data_dirty.store(false, Ordering::SeqCst);
         let (blob, count, extents, upto, seq, salt) = {
@@ -532,14 +540,7 @@ impl Fs {
                 return Err(e);
             }
         };
-        let old = {
-            let mut j = self.journal.lock();
-            let old = std::mem::replace(&mut j.checkpoint, header);
-            j.epoch = seq;
-            j.log_used = 0;
-            j.disk_lsn = 0;
-            old
-        };
+        let old = self.journal.lock().restart(header);
         {
             let mut st = self.state.write();
             for (s, l) in old.extents {
@@ -575,6 +576,13 @@ impl Fs {
             .sum();
         let estimate = (st.meta.inodes.len() as u64 * 256).div_ceil(BS);
         st.reserve = 2 * ckpt_blocks.max(estimate) + 64;
+    }
+
+    fn fail_if_broken(&self) -> Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(FsError::CommitFailed);
+        }
+        Ok(())
     }
 
     fn fail(&self, what: &str) {
@@ -698,6 +706,9 @@ impl Fs {
     /// a later extension reads zeros there.
     fn shrink(&self, st: &mut State, ino: u64, size: u64) -> Result<()> {
         let keep = size.div_ceil(BS);
+        if size % BS != 0 {
+            self.zero_by_copy(st, ino, size, keep * BS - size)?;
+        }
         self.log(
             st,
             Record::Unmap {
@@ -706,40 +717,66 @@ impl Fs {
                 len: u64::MAX - keep,
             },
         );
-        if size % BS != 0 {
-            self.zero_bytes(st, ino, size, keep * BS - size)?;
-        }
         Ok(())
     }
 
-    /// Writes zeros over `len` bytes at file offset `off` where written
-    /// blocks back them (holes and unwritten extents already read as zero).
-    fn zero_bytes(&self, st: &State, ino: u64, off: u64, len: u64) -> Result<()> {
+    /// Zeroes `len` bytes at file offset `off` where written blocks back
+    /// them (holes and unwritten extents already read as zero), never in
+    /// place: each such block is copied, zeroed, written to a new block and
+    /// remapped by a record of the same operation. Until that operation
+    /// commits, a crash brings back the old block with its bytes intact,
+    /// which zeroing in place would have destroyed (the old size, or the
+    /// range before a punch, still makes them part of the file). The old
+    /// block is freed once the remap is durable.
+    fn zero_by_copy(&self, st: &mut State, ino: u64, off: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
-        let inode = st.meta.get(ino).ok_or(FsError::NotFound)?;
-        let fb = off / BS;
         let end = off + len;
-        let zeros = vec![0u8; len as usize];
-        let mut ranges = Vec::new();
-        for r in runs(inode, fb, (end - 1) / BS + 1 - fb) {
-            if let Run::Mapped { file_block, ext } = r {
-                if ext.unwritten {
-                    continue;
+        let (first, last) = (off / BS, (end - 1) / BS);
+        let inode = st.meta.get(ino).ok_or(FsError::NotFound)?;
+        let written: Vec<(u64, u64)> = runs(inode, first, last + 1 - first)
+            .into_iter()
+            .flat_map(|r| match r {
+                Run::Mapped { file_block, ext } if !ext.unwritten => (0..ext.len)
+                    .map(|k| (file_block + k, ext.dev + k))
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        for (fb, old_dev) in written {
+            let mut block = AlignedBuf::new(BS as usize);
+            self.dev.read_at(old_dev * BS, &mut block)?;
+            let s = off.max(fb * BS) - fb * BS;
+            let e = end.min((fb + 1) * BS) - fb * BS;
+            block[s as usize..e as usize].fill(0);
+            let avail = st.alloc.free_blocks().saturating_sub(st.reserve);
+            let new = match (avail > 0).then(|| st.alloc.allocate(1, Some(old_dev))) {
+                Some(got) if got.len() == 1 => got[0].0,
+                Some(got) => {
+                    for (s, l) in got {
+                        st.alloc.release(s, l);
+                    }
+                    return Err(FsError::NoSpace);
                 }
-                let s = off.max(file_block * BS);
-                let e = end.min((file_block + ext.len) * BS);
-                ranges.push(IoRange {
-                    dev_offset: ext.dev * BS + (s - file_block * BS),
-                    buf_offset: (s - off) as usize,
-                    len: (e - s) as usize,
-                });
+                None => return Err(FsError::NoSpace),
+            };
+            if let Err(e) = self.dev.write_at(new * BS, &block) {
+                st.alloc.release(new, 1);
+                return Err(e.into());
             }
+            self.data_dirty.store(true, Ordering::SeqCst);
+            self.log(
+                st,
+                Record::Map {
+                    ino,
+                    file_block: fb,
+                    dev_block: new,
+                    len: 1,
+                    unwritten: false,
+                },
+            );
         }
-        self.dev
-            .submit(Direction::Write, &IoBuffer::from_ref(&zeros), &ranges)?;
-        self.data_dirty.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -1633,12 +1670,9 @@ impl Fs {
         Ok(())
     }
 
+    /// fsync/fdatasync of a file or directory: commits everything (see
+    /// [`Fs::commit`] for what a failure means).
     pub fn fsync(&self, _ino: u64) -> Result<()> {
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(FsError::Io(crate::blockdev::DeviceError::Io(
-                std::io::Error::from_raw_os_error(libc::EIO),
-            )));
-        }
         self.commit()
     }
 
@@ -1692,8 +1726,8 @@ impl Fs {
             }
             FallocMode::PunchHole => {
                 let (head_end, tail_start) = Self::edges(end, full_start, full_end);
-                self.zero_bytes(&st, ino, offset, head_end - offset)?;
-                self.zero_bytes(&st, ino, tail_start, end - tail_start)?;
+                self.zero_by_copy(&mut st, ino, offset, head_end - offset)?;
+                self.zero_by_copy(&mut st, ino, tail_start, end - tail_start)?;
                 if full_end > full_start {
                     self.log(
                         &mut st,
@@ -1708,8 +1742,8 @@ impl Fs {
             }
             FallocMode::ZeroRange { keep_size } => {
                 let (head_end, tail_start) = Self::edges(end, full_start, full_end);
-                self.zero_bytes(&st, ino, offset, head_end - offset)?;
-                self.zero_bytes(&st, ino, tail_start, end - tail_start)?;
+                self.zero_by_copy(&mut st, ino, offset, head_end - offset)?;
+                self.zero_by_copy(&mut st, ino, tail_start, end - tail_start)?;
                 if full_end > full_start {
                     // Written blocks become unwritten (read as zeros) in place.
                     let i = st.meta.get(ino).unwrap();
