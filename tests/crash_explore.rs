@@ -59,20 +59,20 @@ fn explore_replay_one_state() {
 
 #[test]
 fn explore_random_workloads_of_every_operation() {
-    assert_clean(explore::sweep("ace", seeds(24, 1500), scale()));
+    assert_clean(explore::sweep("ace", seeds(120, 300), scale()));
 }
 
 #[test]
 fn explore_names_of_every_length_in_one_commit() {
-    assert_clean(explore::sweep("names", seeds(1, 20), scale()));
+    assert_clean(explore::sweep("names", seeds(8, 100), scale()));
 }
 
 #[test]
 fn explore_a_directory_of_many_entries_in_one_commit() {
-    assert_clean(explore::sweep("bigdir", seeds(1, 3), scale()));
+    assert_clean(explore::sweep("bigdir", seeds(1, 4), scale()));
 }
 
 #[test]
 fn explore_the_log_wrapping_into_a_checkpoint() {
-    assert_clean(explore::sweep("wrap", seeds(1, 12), scale()));
+    assert_clean(explore::sweep("wrap", seeds(1, 10), scale()));
 }

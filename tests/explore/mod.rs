@@ -516,9 +516,11 @@ fn wrap(d: &mut Driver, scale: Scale) {
 
 /// Runs one workload and records it.
 pub fn record(family: &str, seed: u64, scale: Scale) -> Recording {
+    // The smallest device mkfs takes (its log is as small as logs get),
+    // except where a directory of many entries needs the room.
     let size: u64 = match family {
         "bigdir" => 64 << 20,
-        _ => 8 << 20,
+        _ => 4 << 20,
     };
     let mem = Arc::new(MemDevice::new(size));
     fs::format(mem.as_ref(), ROOT).unwrap();
@@ -845,9 +847,19 @@ pub struct Tally {
 pub fn sweep(family: &str, seeds: std::ops::Range<u64>, scale: Scale) -> Tally {
     let mut t = Tally::default();
     let started = Instant::now();
+    let progress = std::env::var_os("EXPLORE_LONG").is_some();
     for seed in seeds {
         let rec = record(family, seed, scale);
         t.workloads += 1;
+        if progress && t.workloads % 10 == 0 {
+            println!(
+                "explore {family}: {} workloads so far, {} states, {} failed, {:.0} s",
+                t.workloads,
+                t.states,
+                t.failed,
+                started.elapsed().as_secs_f64()
+            );
+        }
         states(&rec, scale, seed, |i, st| {
             t.states += 1;
             match check_state(&rec, &st) {
