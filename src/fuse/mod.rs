@@ -311,7 +311,14 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.fs.lookup(parent.0, name.as_bytes()), "lookup");
+        // The kernel revalidates a file handle (open_by_handle_at, NFS
+        // export) by looking up "." in any inode, not only in directories.
+        let found = if name.as_bytes() == b"." {
+            self.fs.getattr(parent.0)
+        } else {
+            self.fs.lookup(parent.0, name.as_bytes())
+        };
+        reply_entry(reply, found, "lookup");
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -466,7 +473,12 @@ impl fuser::Filesystem for FuseFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (r, w) = access(flags);
         match self.fs.open(ino.0, r, w) {
-            Ok((fh, keep_cache)) => reply.opened(FileHandle(fh), cache_flags(keep_cache)),
+            // Cached reads never reach the daemon, so keep the kernel's
+            // pages only when a read through this open need not move atime.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                cache_flags(!(r && self.fs.read_updates_atime(ino.0))),
+            ),
             Err(e) => reply.error(fail("open", e)),
         }
     }
@@ -474,7 +486,7 @@ impl fuser::Filesystem for FuseFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // A handle keeps a removed directory alive until it is closed.
         match self.fs.open(ino.0, true, false) {
-            Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail("opendir", e)),
         }
     }
