@@ -241,6 +241,18 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_of_many_mib_reads_back() {
+        let big: Vec<Vec<u8>> = (0..700u32)
+            .map(|i| vec![(i % 253) as u8; 4093 + i as usize % 7])
+            .collect();
+        let region = region_of(&[vec![vec![1u8; 3]], big.clone()], 1, 1024);
+        let scan = scan_log(&region, SALT, 1);
+        assert_eq!(scan.commits.len(), 2);
+        assert_eq!(owned(&scan)[1], big);
+        assert!(scan.used > 2 << 20);
+    }
+
+    #[test]
     fn a_torn_last_commit_is_dropped_whole_and_silently() {
         let small = vec![vec![1u8; 100]];
         let big: Vec<Vec<u8>> = (0..40).map(|i| vec![i as u8; 1000]).collect();

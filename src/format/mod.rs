@@ -323,6 +323,15 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_superblock_gets_a_clear_message() {
+        let mut sb = Superblock::new(262144, [7; 16], 1234);
+        sb.version = 1;
+        let err = Superblock::decode(&sb.encode()).unwrap_err();
+        assert_eq!(err, FormatError::OldVersion(1));
+        assert!(err.to_string().contains("older dmabuf-fs"), "{err}");
+    }
+
+    #[test]
     fn checkpoint_header_round_trip() {
         let h = CheckpointHeader {
             seq: 9,
