@@ -625,13 +625,8 @@ pub fn states(rec: &Recording, scale: Scale, seed: u64, mut f: impl FnMut(usize,
         if *prefixes.last().unwrap() != n {
             prefixes.push(n);
         }
-        for m in prefixes {
-            let mut image = durable.clone();
-            for (at, data) in &pending[..m] {
-                apply(&mut image, *at, data);
-            }
-            let what = format!("window ending at event {pos}: first {m} of {n} writes");
-            if !f(
+        let mut emit = |image, what| {
+            let go = f(
                 index,
                 State {
                     image,
@@ -639,10 +634,19 @@ pub fn states(rec: &Recording, scale: Scale, seed: u64, mut f: impl FnMut(usize,
                     last_op,
                     what,
                 },
-            ) {
+            );
+            index += 1;
+            go
+        };
+        for m in prefixes {
+            let mut image = durable.clone();
+            for (at, data) in &pending[..m] {
+                apply(&mut image, *at, data);
+            }
+            let what = format!("window ending at event {pos}: first {m} of {n} writes");
+            if !emit(image, what) {
                 return;
             }
-            index += 1;
         }
         if n > 0 {
             for _ in 0..scale.random_per_window {
@@ -673,18 +677,9 @@ pub fn states(rec: &Recording, scale: Scale, seed: u64, mut f: impl FnMut(usize,
                 let what = format!(
                     "window ending at event {pos}: {kept} of {n} writes kept, {torn} torn, in random order"
                 );
-                if !f(
-                    index,
-                    State {
-                        image,
-                        durable_op,
-                        last_op,
-                        what,
-                    },
-                ) {
+                if !emit(image, what) {
                     return;
                 }
-                index += 1;
             }
         }
         for (at, data) in pending.drain(..) {
@@ -848,7 +843,18 @@ pub fn sweep(family: &str, seeds: std::ops::Range<u64>, scale: Scale) -> Tally {
     let mut t = Tally::default();
     let started = Instant::now();
     let progress = std::env::var_os("EXPLORE_LONG").is_some();
+    // A budget for one family, in seconds (scripts/crash-explore --minutes).
+    let budget = std::env::var("EXPLORE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok());
     for seed in seeds {
+        if budget.is_some_and(|b| started.elapsed().as_secs_f64() > b) {
+            println!(
+                "explore {family}: time budget spent after {} workloads",
+                t.workloads
+            );
+            break;
+        }
         let rec = record(family, seed, scale);
         t.workloads += 1;
         if progress && t.workloads % 10 == 0 {
