@@ -143,16 +143,11 @@ impl Fs {
             let s = off.max(fb * BS) - fb * BS;
             let e = end.min((fb + 1) * BS) - fb * BS;
             block[s as usize..e as usize].fill(0);
-            let avail = st.alloc.free_blocks().saturating_sub(st.reserve);
-            let new = match (avail > 0).then(|| st.alloc.allocate(1, Some(old_dev))) {
-                Some(got) if got.len() == 1 => got[0].0,
-                Some(got) => {
-                    for (s, l) in got {
-                        st.alloc.release(s, l);
-                    }
-                    return Err(FsError::NoSpace);
-                }
-                None => return Err(FsError::NoSpace),
+            if st.alloc.free_blocks() <= st.reserve {
+                return Err(FsError::NoSpace);
+            }
+            let Some(&(new, _)) = st.alloc.allocate(1, Some(old_dev)).first() else {
+                return Err(FsError::NoSpace);
             };
             if let Err(e) = self.dev.write_at(new * BS, &block) {
                 st.alloc.release(new, 1);
