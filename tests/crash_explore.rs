@@ -59,7 +59,7 @@ fn explore_replay_one_state() {
 
 #[test]
 fn explore_random_workloads_of_every_operation() {
-    assert_clean(explore::sweep("ace", seeds(120, 400), scale()));
+    assert_clean(explore::sweep("ace", seeds(120, 1400), scale()));
 }
 
 #[test]

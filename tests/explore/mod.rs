@@ -842,7 +842,7 @@ pub struct Tally {
 pub fn sweep(family: &str, seeds: std::ops::Range<u64>, scale: Scale) -> Tally {
     let mut t = Tally::default();
     let started = Instant::now();
-    let progress = std::env::var_os("EXPLORE_LONG").is_some();
+    let long = std::env::var_os("EXPLORE_LONG").is_some();
     // A budget for one family, in seconds (scripts/crash-explore --minutes).
     let budget = std::env::var("EXPLORE_SECONDS")
         .ok()
@@ -857,7 +857,7 @@ pub fn sweep(family: &str, seeds: std::ops::Range<u64>, scale: Scale) -> Tally {
         }
         let rec = record(family, seed, scale);
         t.workloads += 1;
-        if progress && t.workloads % 10 == 0 {
+        if long && t.workloads % 10 == 0 {
             println!(
                 "explore {family}: {} workloads so far, {} states, {} failed, {:.0} s",
                 t.workloads,
@@ -874,8 +874,9 @@ pub fn sweep(family: &str, seeds: std::ops::Range<u64>, scale: Scale) -> Tally {
                     t.failed += 1;
                     if t.first_failure.is_none() {
                         t.first_failure = Some(format!(
-                            "{family}/{seed}/{i} ({}): {e}\n  replay: scripts/crash-explore --replay {family}/{seed}/{i}",
-                            st.what
+                            "{family}/{seed}/{i} ({}): {e}\n  replay: scripts/crash-explore {}--replay {family}/{seed}/{i}",
+                            st.what,
+                            if long { "--long " } else { "" }
                         ));
                     }
                     false
