@@ -234,6 +234,18 @@ pub enum DeviceError {
     Busy(String),
     #[error("this device cannot register buffers")]
     NoFixedBuffers,
+    /// The caller's memory faulted (SIGBUS/EFAULT) while being copied or
+    /// transferred: that transfer fails, the daemon goes on.
+    #[error("buffer memory faulted")]
+    Fault,
+    /// No memory for a bounce buffer.
+    #[error("out of memory for a bounce buffer")]
+    NoMemory,
+    /// A registered buffer was detached by the kernel (the series since
+    /// v6: NVMe reset, suspend or removal) and could not be registered
+    /// again; the caller may move the data another way.
+    #[error("registered buffer detached by the kernel")]
+    Detached,
 }
 
 /// A device that stores bytes at offsets. Implementations must be safe to
@@ -261,6 +273,19 @@ pub trait BlockDevice: Send + Sync {
     /// the backend has them.
     fn register_fixed(&self, _src: FixedSource<'_>) -> Result<FixedBuffer, DeviceError> {
         Err(DeviceError::NoFixedBuffers)
+    }
+
+    /// Moves data for several independent transfers at once, so the
+    /// device sees them as one queue; one result per transfer, in order.
+    fn submit_many(
+        &self,
+        dir: Direction,
+        transfers: &[(&IoBuffer<'_>, &[IoRange])],
+    ) -> Vec<Result<(), DeviceError>> {
+        transfers
+            .iter()
+            .map(|(buf, ranges)| self.submit(dir, buf, ranges))
+            .collect()
     }
 
     fn read_at(&self, dev_offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {

@@ -50,6 +50,15 @@ impl Fs {
         Ok(n)
     }
 
+    /// Several independent reads (a token BATCH): each `(ino, offset,
+    /// buf)` as [`Fs::read_buf`] would do it, one result per read.
+    pub fn read_many(&self, reads: &[(u64, u64, &IoBuffer<'_>)]) -> Vec<Result<usize>> {
+        reads
+            .iter()
+            .map(|&(ino, offset, buf)| self.read_buf(ino, offset, buf))
+            .collect()
+    }
+
     /// Whether an access now should update the atime (per the mount's
     /// atime mode; relatime: atime not newer than mtime/ctime, or a day old).
     pub(super) fn atime_due(&self, a: &InodeAttrs) -> bool {

@@ -75,6 +75,10 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::NoData => libc::ENXIO,
             FsError::TooManyLinks => libc::EMLINK,
+            // The caller's own memory faulted, or no bounce memory: that
+            // caller's problem, not the device's.
+            FsError::Io(DeviceError::Fault) => libc::EFAULT,
+            FsError::Io(DeviceError::NoMemory) => libc::ENOMEM,
             // Device failures and corruption found while serving: never
             // wrong data, always EIO.
             FsError::Io(_) | FsError::Corrupt(_) | FsError::CommitFailed => libc::EIO,
