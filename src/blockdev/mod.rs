@@ -238,6 +238,10 @@ pub enum DeviceError {
     /// transferred: that transfer fails, the daemon goes on.
     #[error("buffer memory faulted")]
     Fault,
+    /// The buffer has no CPU mapping (a dmabuf the CPU cannot map, such
+    /// as GPU memory) and this transfer would need one (a bounce, zeroing).
+    #[error("buffer has no CPU mapping")]
+    NoCpuAccess,
     /// No memory for a bounce buffer.
     #[error("out of memory for a bounce buffer")]
     NoMemory,

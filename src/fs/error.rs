@@ -79,6 +79,8 @@ impl FsError {
             // caller's problem, not the device's.
             FsError::Io(DeviceError::Fault) => libc::EFAULT,
             FsError::Io(DeviceError::NoMemory) => libc::ENOMEM,
+            // As the kernel series answers I/O it cannot do on a dmabuf.
+            FsError::Io(DeviceError::NoCpuAccess) => libc::EINVAL,
             // Device failures and corruption found while serving: never
             // wrong data, always EIO.
             FsError::Io(_) | FsError::Corrupt(_) | FsError::CommitFailed => libc::EIO,
