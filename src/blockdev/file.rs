@@ -2,15 +2,21 @@
 //!
 //! The fd is opened `O_DIRECT` where the underlying filesystem or device
 //! accepts it (tmpfs does not), and kept so for the life of the mount.
-//! Ranges whose memory, offset or length are not 4 KiB aligned go through
-//! an aligned bounce buffer. The whole device is `flock`ed so that two
-//! daemons (or a daemon and fsck) never share it.
+//! The whole device is `flock`ed so that two daemons (or a daemon and
+//! fsck) never share it.
 //!
-//! With [`FileDevice::enable_fixed_buffers`], buffers registered through
-//! [`BlockDevice::register_fixed`] move by io_uring `READ_FIXED` /
-//! `WRITE_FIXED`: the aligned middle of each range goes down as one
-//! fixed-buffer op (all ranges of a call queued together), and unaligned
-//! heads and tails through the bounce buffer.
+//! On an `O_DIRECT` fd, every range is split where its memory and device
+//! offset share their 4 KiB alignment: the aligned middle goes straight
+//! between buffer and device through io_uring (plain `READ`/`WRITE`, or
+//! `READ_FIXED`/`WRITE_FIXED` for buffers registered through
+//! [`BlockDevice::register_fixed`] after [`FileDevice::enable_fixed_buffers`]),
+//! all pieces of all transfers of a call in one submission; the partial
+//! edge blocks, and whole ranges whose alignments differ or whose memory
+//! O_DIRECT cannot target (dmabuf mappings), go through bounce chunks.
+//! Bounce memory comes from a bounded per-device pool of fixed-size
+//! chunks, so the daemon's memory does not grow with request size, and
+//! every CPU copy to or from a caller's memory is fault-guarded
+//! ([`super::usercopy`]). A buffered fd (tmpfs image) uses pread/pwrite.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -20,14 +26,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use parking_lot::{Condvar, Mutex};
 
-use super::uring::{FixedOp, Rings};
+use super::uring::{OpTarget, RingOp, Rings};
 use super::{
     check_device_range, AlignedBuf, BlockDevice, DeviceError, Direction, FixedBuffer, FixedKind,
     FixedSource, IoBuffer, IoRange, DIRECT_ALIGN,
 };
 
 const ALIGN: usize = DIRECT_ALIGN;
+/// Size of one bounce chunk: large enough that a bounced range moves in
+/// few device ops, small enough that many callers can bounce at once.
+pub const BOUNCE_CHUNK: usize = 1 << 20;
+/// Most bounce chunks one device ever holds (32 MiB); callers beyond
+/// that wait for a free chunk rather than allocate.
+pub const BOUNCE_CHUNKS: usize = 32;
 
 /// How to open a device.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +68,10 @@ pub struct FileDevice {
     size: u64,
     direct: bool,
     block_device: bool,
+    /// io_uring rings on an O_DIRECT fd (with buffer tables once fixed
+    /// buffers are enabled); None on a buffered fd or without io_uring.
     rings: Option<Arc<Rings>>,
+    bounce: BouncePool,
 }
 
 impl FileDevice {
@@ -96,13 +112,25 @@ impl FileDevice {
         } else {
             meta.len()
         };
+        let rings = if direct {
+            match Rings::new(file.as_raw_fd(), false) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    info!("{}: no io_uring ({e}); using pread/pwrite", path.display());
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
             file,
             path: path.to_path_buf(),
             size,
             direct,
             block_device,
-            rings: None,
+            rings,
+            bounce: BouncePool::new(BOUNCE_CHUNK, BOUNCE_CHUNKS),
         })
     }
 
@@ -120,7 +148,10 @@ impl FileDevice {
         if !self.direct {
             return Err(DeviceError::NoFixedBuffers);
         }
-        self.rings = Some(Arc::new(Rings::new(self.file.as_raw_fd())?));
+        if self.rings.as_ref().is_some_and(|r| r.has_tables()) {
+            return Ok(());
+        }
+        self.rings = Some(Arc::new(Rings::new(self.file.as_raw_fd(), true)?));
         Ok(())
     }
 
@@ -128,12 +159,24 @@ impl FileDevice {
         &self.path
     }
 
+    /// Bounce chunks allocated so far (never more than [`BOUNCE_CHUNKS`]).
+    pub fn bounce_chunks_allocated(&self) -> usize {
+        self.bounce.state.lock().made
+    }
+
     /// One positional transfer at a raw address, retrying short transfers.
-    fn raw_io(&self, dir: Direction, ptr: *mut u8, len: usize, off: u64) -> std::io::Result<()> {
+    fn raw_io(
+        &self,
+        dir: Direction,
+        ptr: *mut u8,
+        len: usize,
+        off: u64,
+    ) -> Result<(), DeviceError> {
         let mut done = 0usize;
         while done < len {
             // SAFETY: ptr..ptr+len is valid memory (checked by the caller
-            // against the IoBuffer bounds or owned by the bounce buffer).
+            // against the IoBuffer bounds or owned by the bounce buffer);
+            // a caller's page that vanished is EFAULT, not a signal.
             let n = unsafe {
                 let p = ptr.add(done);
                 let o = (off + done as u64) as libc::off_t;
@@ -146,50 +189,149 @@ impl FileDevice {
             };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EFAULT) => return Err(DeviceError::Fault),
+                    _ => return Err(e.into()),
                 }
-                return Err(e);
             }
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "device returned no data",
-                ));
+                )
+                .into());
             }
             done += n as usize;
         }
         Ok(())
     }
 
-    /// A transfer O_DIRECT cannot take as it is: go through aligned memory
-    /// covering whole blocks, reading the partial edge blocks first when
-    /// writing.
-    fn bounced(&self, dir: Direction, ptr: *mut u8, len: usize, off: u64) -> std::io::Result<()> {
-        let start = off & !(ALIGN as u64 - 1);
-        let end = (off + len as u64).div_ceil(ALIGN as u64) * ALIGN as u64;
-        let mut bounce = AlignedBuf::new((end - start) as usize);
-        let head = (off - start) as usize;
-        match dir {
-            Direction::Read => {
-                self.raw_io(Direction::Read, bounce.as_mut_ptr(), bounce.len(), start)?;
-                // SAFETY: both ranges are valid for len bytes and disjoint.
-                unsafe { std::ptr::copy_nonoverlapping(bounce.as_mut_ptr().add(head), ptr, len) };
+    /// Moves `len` bytes at `buf_offset` of `buf` through bounce chunks
+    /// covering whole blocks, one chunk at a time (so a caller holds at
+    /// most one and the pool cannot deadlock); writes read the partial
+    /// edge blocks first.
+    fn bounced(
+        &self,
+        dir: Direction,
+        buf: &IoBuffer<'_>,
+        buf_offset: usize,
+        len: usize,
+        off: u64,
+    ) -> Result<(), DeviceError> {
+        let a = ALIGN as u64;
+        let end = off + len as u64;
+        let mut chunk = self.bounce.take()?;
+        let mut cs = off / a * a;
+        let last = end.div_ceil(a) * a;
+        while cs < last {
+            let ce = (cs + chunk.capacity() as u64).min(last);
+            let blen = (ce - cs) as usize;
+            chunk.set_len(blen);
+            // This chunk's share of the caller's bytes.
+            let (ds, de) = (off.max(cs), end.min(ce));
+            let at = (ds - cs) as usize;
+            let n = (de - ds) as usize;
+            let bo = buf_offset + (ds - off) as usize;
+            match dir {
+                Direction::Read => {
+                    self.raw_io(Direction::Read, chunk.as_mut_ptr(), blen, cs)?;
+                    buf.copy_in(bo, &chunk[at..at + n])?;
+                }
+                Direction::Write => {
+                    if ds > cs {
+                        self.raw_io(Direction::Read, chunk.as_mut_ptr(), ALIGN, cs)?;
+                    }
+                    if de < ce && (ds == cs || blen > ALIGN) {
+                        // SAFETY: blen - ALIGN + ALIGN == blen, in the chunk.
+                        let p = unsafe { chunk.as_mut_ptr().add(blen - ALIGN) };
+                        self.raw_io(Direction::Read, p, ALIGN, ce - a)?;
+                    }
+                    buf.copy_out(bo, &mut chunk[at..at + n])?;
+                    self.raw_io(Direction::Write, chunk.as_mut_ptr(), blen, cs)?;
+                }
             }
-            Direction::Write => {
-                let blen = bounce.len();
-                if head != 0 {
-                    self.raw_io(Direction::Read, bounce.as_mut_ptr(), ALIGN, start)?;
+            cs = ce;
+        }
+        buf.count(|t| &t.bounced, len);
+        Ok(())
+    }
+
+    /// Checks one transfer, bounces what must be bounced, and appends the
+    /// pieces that go straight between memory and device to `ops`.
+    fn plan(
+        &self,
+        dir: Direction,
+        buf: &IoBuffer<'_>,
+        ranges: &[IoRange],
+        tag: usize,
+        ops: &mut Vec<RingOp>,
+    ) -> Result<(), DeviceError> {
+        let fixed = match (&self.rings, buf.fixed) {
+            (Some(rings), Some((f, addr))) if f.belongs_to(rings) => Some((
+                OpTarget::Fixed {
+                    slot: f.slot(),
+                    dmabuf: f.kind() == FixedKind::Dmabuf,
+                },
+                addr,
+            )),
+            _ => None,
+        };
+        for r in ranges {
+            check_device_range(self.size, r)?;
+            let ptr = buf.range_ptr(dir, r)?;
+            if r.len == 0 {
+                continue;
+            }
+            if !self.direct {
+                // Buffered I/O takes any alignment.
+                if !buf.has_cpu_mapping() {
+                    return Err(DeviceError::NoCpuAccess);
                 }
-                if (off + len as u64) % ALIGN as u64 != 0 && (head == 0 || blen > ALIGN) {
-                    let last = blen - ALIGN;
-                    // SAFETY: last + ALIGN == blen, inside the bounce buffer.
-                    let p = unsafe { bounce.as_mut_ptr().add(last) };
-                    self.raw_io(Direction::Read, p, ALIGN, end - ALIGN as u64)?;
+                ops.push(RingOp {
+                    target: OpTarget::Plain,
+                    addr: ptr as u64,
+                    dev_offset: r.dev_offset,
+                    len: r.len,
+                    tag,
+                });
+                continue;
+            }
+            // Where the aligned middle can go without the CPU.
+            let straight = match fixed {
+                Some((target, base)) => Some((target, base + r.buf_offset as u64)),
+                None if buf.is_dma_safe() && buf.has_cpu_mapping() => {
+                    Some((OpTarget::Plain, ptr as u64))
                 }
-                // SAFETY: both ranges are valid for len bytes and disjoint.
-                unsafe { std::ptr::copy_nonoverlapping(ptr, bounce.as_mut_ptr().add(head), len) };
-                self.raw_io(Direction::Write, bounce.as_mut_ptr(), blen, start)?;
+                None => None,
+            };
+            match straight {
+                Some((target, addr)) if addr % ALIGN as u64 == r.dev_offset % ALIGN as u64 => {
+                    let head =
+                        ((ALIGN as u64 - r.dev_offset % ALIGN as u64) as usize % ALIGN).min(r.len);
+                    let mid = (r.len - head) / ALIGN * ALIGN;
+                    let tail = r.len - head - mid;
+                    if head > 0 {
+                        self.bounced(dir, buf, r.buf_offset, head, r.dev_offset)?;
+                    }
+                    if mid > 0 {
+                        ops.push(RingOp {
+                            target,
+                            addr: addr + head as u64,
+                            dev_offset: r.dev_offset + head as u64,
+                            len: mid,
+                            tag,
+                        });
+                        if target != OpTarget::Plain {
+                            buf.count(|t| &t.fixed, mid);
+                        }
+                    }
+                    if tail > 0 {
+                        let at = head + mid;
+                        self.bounced(dir, buf, r.buf_offset + at, tail, r.dev_offset + at as u64)?;
+                    }
+                }
+                _ => self.bounced(dir, buf, r.buf_offset, r.len, r.dev_offset)?,
             }
         }
         Ok(())
@@ -207,67 +349,56 @@ impl BlockDevice for FileDevice {
         buf: &IoBuffer<'_>,
         ranges: &[IoRange],
     ) -> Result<(), DeviceError> {
-        let fixed = match (&self.rings, buf.fixed) {
-            (Some(rings), Some((f, addr))) if f.belongs_to(rings) => {
-                Some((rings, f.slot(), addr, f.kind() == FixedKind::Dmabuf))
+        self.submit_many(dir, &[(buf, ranges)])
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Every transfer's straight pieces go to one ring in one submission
+    /// (as many as the ring depth takes); bounced edges move first, chunk
+    /// by chunk. One result per transfer: a failed one does not stop the
+    /// others.
+    fn submit_many(
+        &self,
+        dir: Direction,
+        transfers: &[(&IoBuffer<'_>, &[IoRange])],
+    ) -> Vec<Result<(), DeviceError>> {
+        let mut results: Vec<Result<(), DeviceError>> = transfers.iter().map(|_| Ok(())).collect();
+        let mut ops = Vec::new();
+        for (tag, (buf, ranges)) in transfers.iter().enumerate() {
+            let mark = ops.len();
+            if let Err(e) = self.plan(dir, buf, ranges, tag, &mut ops) {
+                ops.truncate(mark);
+                results[tag] = Err(e);
             }
-            _ => None,
-        };
-        let mut fixed_ops = Vec::new();
-        for r in ranges {
-            check_device_range(self.size, r)?;
-            let ptr = buf.range_ptr(dir, r)?;
-            if r.len == 0 {
-                continue;
-            }
-            if let Some((_, slot, base, dmabuf)) = fixed {
-                let addr = base + r.buf_offset as u64;
-                // Buffer and device offsets that share their alignment
-                // split into an aligned middle and unaligned edges.
-                if addr % ALIGN as u64 == r.dev_offset % ALIGN as u64 {
-                    let head =
-                        ((ALIGN as u64 - r.dev_offset % ALIGN as u64) as usize % ALIGN).min(r.len);
-                    let mid = (r.len - head) / ALIGN * ALIGN;
-                    let tail = r.len - head - mid;
-                    if head > 0 {
-                        self.bounced(dir, ptr, head, r.dev_offset)?;
+        }
+        if ops.is_empty() {
+            return results;
+        }
+        match &self.rings {
+            Some(rings) => {
+                for (tag, r) in rings
+                    .run(dir, &ops, transfers.len())
+                    .into_iter()
+                    .enumerate()
+                {
+                    if let (Err(e), Ok(())) = (r, &results[tag]) {
+                        results[tag] = Err(e);
                     }
-                    if mid > 0 {
-                        fixed_ops.push(FixedOp {
-                            slot,
-                            addr: addr + head as u64,
-                            dev_offset: r.dev_offset + head as u64,
-                            len: mid,
-                            dmabuf,
-                        });
-                    }
-                    if tail > 0 {
-                        // SAFETY: head + mid + tail == r.len, inside the range.
-                        let p = unsafe { ptr.add(head + mid) };
-                        self.bounced(dir, p, tail, r.dev_offset + (head + mid) as u64)?;
-                    }
-                    buf.count(|t| &t.bounced, head + tail);
-                    buf.count(|t| &t.fixed, mid);
-                    continue;
                 }
             }
-            let aligned = buf.is_dma_safe()
-                && (ptr as usize) % ALIGN == 0
-                && r.dev_offset % ALIGN as u64 == 0
-                && r.len % ALIGN == 0;
-            if !self.direct || aligned {
-                self.raw_io(dir, ptr, r.len, r.dev_offset)?;
-            } else {
-                self.bounced(dir, ptr, r.len, r.dev_offset)?;
-                buf.count(|t| &t.bounced, r.len);
+            None => {
+                for op in &ops {
+                    if results[op.tag].is_ok() {
+                        if let Err(e) = self.raw_io(dir, op.addr as *mut u8, op.len, op.dev_offset)
+                        {
+                            results[op.tag] = Err(e);
+                        }
+                    }
+                }
             }
         }
-        if let Some((rings, ..)) = fixed {
-            if !fixed_ops.is_empty() {
-                rings.transfer(dir, &fixed_ops)?;
-            }
-        }
-        Ok(())
+        results
     }
 
     fn flush(&self) -> Result<(), DeviceError> {
@@ -280,17 +411,105 @@ impl BlockDevice for FileDevice {
             "{} ({} I/O{})",
             self.path.display(),
             if self.direct { "O_DIRECT" } else { "buffered" },
-            if self.rings.is_some() {
-                ", io_uring fixed buffers"
-            } else {
-                ""
+            match &self.rings {
+                Some(r) if r.has_tables() => ", io_uring fixed buffers",
+                Some(_) => ", io_uring",
+                None => "",
             }
         )
     }
 
     fn register_fixed(&self, src: FixedSource<'_>) -> Result<FixedBuffer, DeviceError> {
-        let rings = self.rings.as_ref().ok_or(DeviceError::NoFixedBuffers)?;
-        Ok(rings.register(src)?)
+        match &self.rings {
+            Some(rings) if rings.has_tables() => Ok(rings.register(src)?),
+            _ => Err(DeviceError::NoFixedBuffers),
+        }
+    }
+}
+
+/// A bounded pool of aligned bounce chunks: at most `max` ever exist;
+/// a caller that finds none free waits for one.
+struct BouncePool {
+    chunk: usize,
+    max: usize,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+struct PoolState {
+    free: Vec<AlignedBuf>,
+    made: usize,
+}
+
+/// A chunk on loan from the pool; goes back when dropped.
+struct Chunk<'a> {
+    pool: &'a BouncePool,
+    buf: Option<AlignedBuf>,
+}
+
+impl BouncePool {
+    fn new(chunk: usize, max: usize) -> Self {
+        Self {
+            chunk,
+            max,
+            state: Mutex::new(PoolState {
+                free: Vec::new(),
+                made: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// A free chunk, a new one while under the limit, or (at the limit)
+    /// the next one given back. Allocation failure is `NoMemory`.
+    fn take(&self) -> Result<Chunk<'_>, DeviceError> {
+        let mut st = self.state.lock();
+        loop {
+            if let Some(buf) = st.free.pop() {
+                return Ok(Chunk {
+                    pool: self,
+                    buf: Some(buf),
+                });
+            }
+            if st.made < self.max {
+                st.made += 1;
+                drop(st);
+                return match AlignedBuf::try_new(self.chunk) {
+                    Ok(buf) => Ok(Chunk {
+                        pool: self,
+                        buf: Some(buf),
+                    }),
+                    Err(e) => {
+                        self.state.lock().made -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            self.freed.wait(&mut st);
+        }
+    }
+}
+
+impl std::ops::Deref for Chunk<'_> {
+    type Target = AlignedBuf;
+    fn deref(&self) -> &AlignedBuf {
+        self.buf.as_ref().expect("chunk on loan")
+    }
+}
+
+impl std::ops::DerefMut for Chunk<'_> {
+    fn deref_mut(&mut self) -> &mut AlignedBuf {
+        self.buf.as_mut().expect("chunk on loan")
+    }
+}
+
+impl Drop for Chunk<'_> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.state.lock().free.push(buf);
+            self.pool.freed.notify_one();
+        }
     }
 }
 

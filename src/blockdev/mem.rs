@@ -90,19 +90,16 @@ impl BlockDevice for MemDevice {
         let size = s.current.len() as u64;
         for r in ranges {
             check_device_range(size, r)?;
-            let ptr = buf.range_ptr(dir, r)?;
             let dev = r.dev_offset as usize..r.dev_offset as usize + r.len;
+            // Through the buffer's guarded copies: a caller's memory that
+            // faults fails this transfer, not the process.
             match dir {
-                Direction::Read => {
-                    // SAFETY: ptr is valid for r.len bytes (range_ptr).
-                    let dst = unsafe { std::slice::from_raw_parts_mut(ptr, r.len) };
-                    dst.copy_from_slice(&s.current[dev]);
-                }
+                Direction::Read => buf.copy_in(r.buf_offset, &s.current[dev])?,
                 Direction::Write => {
-                    // SAFETY: ptr is valid for r.len bytes (range_ptr).
-                    let src = unsafe { std::slice::from_raw_parts(ptr, r.len) };
-                    s.current[dev].copy_from_slice(src);
-                    s.unflushed.push((r.dev_offset, src.to_vec()));
+                    let mut src = vec![0u8; r.len];
+                    buf.copy_out(r.buf_offset, &mut src)?;
+                    s.current[dev].copy_from_slice(&src);
+                    s.unflushed.push((r.dev_offset, src));
                 }
             }
         }

@@ -17,6 +17,7 @@ pub mod mem;
 pub mod record;
 pub mod undo;
 pub mod uring;
+pub mod usercopy;
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::marker::PhantomData;
@@ -56,6 +57,9 @@ pub struct IoBuffer<'a> {
     /// Ordinary pages O_DIRECT can target; false for dmabuf mappings
     /// (VM_PFNMAP), which backends must bounce.
     dma_safe: bool,
+    /// The CPU can reach the memory at `ptr`; false for a registered
+    /// dmabuf without a CPU mapping (VRAM), which only fixed I/O reaches.
+    cpu: bool,
     /// The same memory registered with the device's rings, and the
     /// kernel address of byte 0 (user address or offset in the dmabuf).
     fixed: Option<(&'a FixedBuffer, u64)>,
@@ -79,10 +83,10 @@ impl Tally {
 }
 
 // SAFETY: an IoBuffer is only a (pointer, length) view of memory that the
-// creator guarantees stays valid for 'a; backends access disjoint ranges.
+// creator guarantees stays valid for 'a, like the `&mut [u8]` it stands
+// for. It is deliberately not Sync: it writes through `&self` (reads
+// into it, zero, copy_in), so sharing one between threads would race.
 unsafe impl Send for IoBuffer<'_> {}
-// SAFETY: as above; shared use only reads the pointer value.
-unsafe impl Sync for IoBuffer<'_> {}
 
 impl<'a> IoBuffer<'a> {
     /// A buffer data can be read into (and written from).
@@ -92,6 +96,7 @@ impl<'a> IoBuffer<'a> {
             len: buf.len(),
             writable: true,
             dma_safe: true,
+            cpu: true,
             fixed: None,
             tally: None,
             _borrow: PhantomData,
@@ -105,6 +110,7 @@ impl<'a> IoBuffer<'a> {
             len: buf.len(),
             writable: false,
             dma_safe: true,
+            cpu: true,
             fixed: None,
             tally: None,
             _borrow: PhantomData,
@@ -120,7 +126,31 @@ impl<'a> IoBuffer<'a> {
             len,
             writable,
             dma_safe,
+            cpu: true,
             fixed: None,
+            tally: None,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A registered buffer of `len` bytes that the CPU cannot map (a
+    /// dmabuf of GPU memory): only fixed-buffer I/O reaches it, at kernel
+    /// address `addr` for byte 0. Transfers that would need the CPU (an
+    /// unaligned edge, zeroing a hole, a backend without fixed I/O) fail
+    /// with [`DeviceError::NoCpuAccess`].
+    pub fn without_cpu_mapping(
+        len: usize,
+        writable: bool,
+        fixed: &'a FixedBuffer,
+        addr: u64,
+    ) -> Self {
+        Self {
+            ptr: NonNull::dangling(),
+            len,
+            writable,
+            dma_safe: false,
+            cpu: false,
+            fixed: Some((fixed, addr)),
             tally: None,
             _borrow: PhantomData,
         }
@@ -154,47 +184,68 @@ impl<'a> IoBuffer<'a> {
         self.dma_safe
     }
 
+    /// Whether the CPU can reach this memory (see [`Self::without_cpu_mapping`]).
+    pub fn has_cpu_mapping(&self) -> bool {
+        self.cpu
+    }
+
     /// The view of `len` bytes at `offset`, or None if it does not fit.
     pub fn slice(&self, offset: usize, len: usize) -> Option<IoBuffer<'_>> {
         if offset.checked_add(len)? > self.len {
             return None;
         }
         Some(IoBuffer {
-            // SAFETY: offset + len <= self.len.
-            ptr: unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(offset)) },
+            // SAFETY: offset + len <= self.len (without a CPU mapping the
+            // pointer is never dereferenced, and wrapping_add keeps it
+            // free of provenance claims).
+            ptr: unsafe { NonNull::new_unchecked(self.ptr.as_ptr().wrapping_add(offset)) },
             len,
             writable: self.writable,
             dma_safe: self.dma_safe,
+            cpu: self.cpu,
             fixed: self.fixed.map(|(f, addr)| (f, addr + offset as u64)),
             tally: self.tally,
             _borrow: PhantomData,
         })
     }
 
-    /// Copies `dst.len()` bytes at `offset` out of the buffer.
+    /// Copies `dst.len()` bytes at `offset` out of the buffer; a fault
+    /// on the buffer's memory is [`DeviceError::Fault`].
     pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
-        let r = IoRange {
-            dev_offset: 0,
-            buf_offset: offset,
-            len: dst.len(),
-        };
-        let p = self.range_ptr(Direction::Write, &r)?;
-        // SAFETY: p is valid for dst.len() bytes (range_ptr); dst is ours.
-        unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), dst.len()) };
-        Ok(())
+        let p = self.cpu_ptr(Direction::Write, offset, dst.len())?;
+        // SAFETY: p is valid for dst.len() bytes of the buffer (cpu_ptr),
+        // which cannot overlap dst (we hold it mutably).
+        unsafe { usercopy::copy(dst.as_mut_ptr(), p, dst.len()) }
+    }
+
+    /// Copies `src` into the buffer at `offset`; a fault on the buffer's
+    /// memory is [`DeviceError::Fault`].
+    pub fn copy_in(&self, offset: usize, src: &[u8]) -> Result<(), DeviceError> {
+        let p = self.cpu_ptr(Direction::Read, offset, src.len())?;
+        // SAFETY: p is valid and writable for src.len() bytes (cpu_ptr);
+        // src is a shared borrow that a writable buffer cannot alias.
+        unsafe { usercopy::copy(p, src.as_ptr(), src.len()) }
     }
 
     /// Zeroes `len` bytes at `offset` (holes read into the buffer).
     pub fn zero(&self, offset: usize, len: usize) -> Result<(), DeviceError> {
+        let p = self.cpu_ptr(Direction::Read, offset, len)?;
+        // SAFETY: p is valid and writable for len bytes (cpu_ptr).
+        unsafe { usercopy::zero(p, len) }
+    }
+
+    /// [`Self::range_ptr`] for memory the CPU is about to touch.
+    fn cpu_ptr(&self, dir: Direction, offset: usize, len: usize) -> Result<*mut u8, DeviceError> {
         let r = IoRange {
             dev_offset: 0,
             buf_offset: offset,
             len,
         };
-        let p = self.range_ptr(Direction::Read, &r)?;
-        // SAFETY: p is valid and writable for len bytes (range_ptr).
-        unsafe { std::ptr::write_bytes(p, 0, len) };
-        Ok(())
+        let p = self.range_ptr(dir, &r)?;
+        if !self.cpu && len > 0 {
+            return Err(DeviceError::NoCpuAccess);
+        }
+        Ok(p)
     }
 
     pub fn len(&self) -> usize {
@@ -215,8 +266,9 @@ impl<'a> IoBuffer<'a> {
         if end.is_none_or(|e| e > self.len) {
             return Err(DeviceError::OutsideBuffer);
         }
-        // SAFETY: buf_offset + len <= self.len, checked above.
-        Ok(unsafe { self.ptr.as_ptr().add(r.buf_offset) })
+        // In bounds (checked above); wrapping_add because a buffer without
+        // a CPU mapping has a dangling base that is never dereferenced.
+        Ok(self.ptr.as_ptr().wrapping_add(r.buf_offset))
     }
 }
 
@@ -335,15 +387,33 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
+    /// Aborts the process if memory runs out: for the daemon's own,
+    /// bounded buffers. Anything sized by a caller uses [`Self::try_new`].
     pub fn new(len: usize) -> Self {
-        let cap = len.max(1).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        let layout = Layout::from_size_align(cap, DIRECT_ALIGN).expect("layout");
+        match Self::try_new(len) {
+            Ok(b) => b,
+            Err(_) => std::alloc::handle_alloc_error(Self::layout(len)),
+        }
+    }
+
+    /// As [`Self::new`], but running out of memory (or a size no layout
+    /// can describe) is [`DeviceError::NoMemory`].
+    pub fn try_new(len: usize) -> Result<Self, DeviceError> {
+        let cap = len
+            .max(1)
+            .checked_next_multiple_of(DIRECT_ALIGN)
+            .ok_or(DeviceError::NoMemory)?;
+        let layout =
+            Layout::from_size_align(cap, DIRECT_ALIGN).map_err(|_| DeviceError::NoMemory)?;
         // SAFETY: layout has nonzero size.
         let ptr = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(ptr) else {
-            std::alloc::handle_alloc_error(layout);
-        };
-        Self { ptr, cap, len }
+        let ptr = NonNull::new(ptr).ok_or(DeviceError::NoMemory)?;
+        Ok(Self { ptr, cap, len })
+    }
+
+    fn layout(len: usize) -> Layout {
+        let cap = len.max(1).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        Layout::from_size_align(cap, DIRECT_ALIGN).expect("layout")
     }
 
     /// Shortens the visible length (the allocation stays).

@@ -14,16 +14,17 @@
 //! to report full-length transfers that moved nothing once `O_DIRECT` was
 //! cleared. So the device fd is checked before every transfer.
 
+use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use log::debug;
 use parking_lot::Mutex;
 
-use super::Direction;
+use super::{DeviceError, Direction};
 
 const SYS_IO_URING_REGISTER: libc::c_long = 427;
 const IORING_REGISTER_BUFFERS_UPDATE: libc::c_uint = 16;
@@ -34,8 +35,9 @@ const IO_REGBUF_TYPE_DMABUF: u32 = 2;
 /// Rings in a pool: enough for the FUSE threads and BATCH workers to
 /// keep the device queue busy without waiting for each other.
 const RINGS: usize = 4;
-/// Submission queue depth of each ring.
-const RING_DEPTH: u32 = 64;
+/// Submission queue depth of each ring: a 128-op BATCH, even with a few
+/// ops split at the SQE length limit, goes down in one submission.
+const RING_DEPTH: u32 = 256;
 /// Slots in each ring's buffer table: the most buffers registered at once.
 const SLOTS: u32 = 1024;
 /// The largest piece one SQE carries (`len` is 32 bits).
@@ -178,78 +180,175 @@ pub enum FixedSource<'a> {
     Dmabuf(BorrowedFd<'a>),
 }
 
-/// One piece of a fixed-buffer transfer.
+/// Where the memory of one ring op is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OpTarget {
+    /// Plain `READ`/`WRITE` into memory the daemon can address (the
+    /// buffer's own pages, O_DIRECT straight into them).
+    Plain,
+    /// `READ_FIXED`/`WRITE_FIXED` on a registered slot; dmabuf ops are
+    /// issued from io-wq (`IOSQE_ASYNC`), see [`Rings::run`].
+    Fixed { slot: u16, dmabuf: bool },
+}
+
+/// One piece of a transfer that goes down the ring.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct FixedOp {
-    pub slot: u16,
-    /// User address, or offset in the dmabuf.
+pub(super) struct RingOp {
+    pub target: OpTarget,
+    /// User address (plain, fixed user memory) or offset in the dmabuf.
     pub addr: u64,
     pub dev_offset: u64,
     pub len: usize,
-    /// Issue from io-wq (`IOSQE_ASYNC`), never inline; see [`Rings::transfer`].
-    pub dmabuf: bool,
+    /// The transfer this piece belongs to: results are per tag.
+    pub tag: usize,
+}
+
+/// What a registered slot was made from, so that a replacement ring (or
+/// the same slot after the kernel detached it) can be given it again.
+enum SlotSource {
+    User {
+        addr: usize,
+        len: usize,
+    },
+    /// Our own dup of the dmabuf fd, kept for as long as the slot lives.
+    Dmabuf(OwnedFd),
+}
+
+/// The slot numbering shared by all rings, and the rings' current fds
+/// (registration goes to every ring without taking their locks).
+struct Registry {
+    sources: HashMap<u16, SlotSource>,
+    free_slots: Vec<u16>,
+    ring_fds: Vec<RawFd>,
+}
+
+/// One ring of the pool. `uring` is None only between a ring being
+/// poisoned and a replacement being made (which failed so far).
+struct Ring {
+    uring: Option<IoUring>,
+    /// Bumped per wave and carried in `user_data`, so a completion left
+    /// over from an earlier wave can never count for a current op.
+    wave: u32,
+}
+
+/// Fault injection for tests: make the pool fail the ways the kernel or
+/// a bug could.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct Inject {
+    /// The SQ push after this many pushed entries fails (once).
+    pub fail_push_after: Option<usize>,
+    /// The next wave's `io_uring_enter` fails with EIO (once), leaving
+    /// its entries in the queue.
+    pub fail_enter: bool,
+    /// The next this many fixed completions say ENOENT (a detached slot).
+    pub enoent: usize,
+}
+
+/// Counters a test or a report can read.
+#[derive(Debug, Default)]
+pub struct RingCounters {
+    /// Rings poisoned (left with ops possibly in flight) and replaced.
+    pub replaced: AtomicU64,
+    /// Slots registered again after the kernel answered ENOENT.
+    pub reregistered: AtomicU64,
 }
 
 pub(super) struct Rings {
-    rings: Vec<Mutex<IoUring>>,
-    /// The rings' fds, for registration while a ring is in use.
-    ring_fds: Vec<RawFd>,
-    free_slots: Mutex<Vec<u16>>,
+    rings: Vec<Mutex<Ring>>,
+    registry: Mutex<Registry>,
+    /// Poisoned rings: never used again, never dropped before the pool,
+    /// so ops still in flight on them never target freed ring memory.
+    graveyard: Mutex<Vec<IoUring>>,
+    /// Whether the rings have buffer tables (fixed buffers enabled).
+    tables: bool,
     dev_fd: RawFd,
     next: AtomicUsize,
+    pub counters: RingCounters,
+    #[cfg(test)]
+    pub inject: Mutex<Inject>,
 }
+
+/// How many waves one call may lose to poisoned rings before it gives up.
+const MAX_RING_REPLACEMENTS: usize = 2;
 
 impl Rings {
     /// Rings for I/O on `dev_fd`, which must be `O_DIRECT` and outlive
-    /// the rings.
-    pub fn new(dev_fd: RawFd) -> io::Result<Self> {
+    /// the rings; with buffer tables when `tables` (fixed buffers).
+    pub fn new(dev_fd: RawFd, tables: bool) -> io::Result<Self> {
         check_direct(dev_fd)?;
         let mut rings = Vec::with_capacity(RINGS);
         for _ in 0..RINGS {
-            let ring = IoUring::new(RING_DEPTH)?;
-            ring.submitter().register_buffers_sparse(SLOTS)?;
-            rings.push(ring);
+            rings.push(new_ring(tables)?);
         }
         let ring_fds = rings.iter().map(|r| r.as_raw_fd()).collect();
         Ok(Self {
-            rings: rings.into_iter().map(Mutex::new).collect(),
-            ring_fds,
-            free_slots: Mutex::new((0..SLOTS as u16).rev().collect()),
+            rings: rings
+                .into_iter()
+                .map(|r| {
+                    Mutex::new(Ring {
+                        uring: Some(r),
+                        wave: 0,
+                    })
+                })
+                .collect(),
+            registry: Mutex::new(Registry {
+                sources: HashMap::new(),
+                free_slots: (0..SLOTS as u16).rev().collect(),
+                ring_fds,
+            }),
+            graveyard: Mutex::new(Vec::new()),
+            tables,
             dev_fd,
             next: AtomicUsize::new(0),
+            counters: RingCounters::default(),
+            #[cfg(test)]
+            inject: Mutex::new(Inject::default()),
         })
+    }
+
+    pub fn has_tables(&self) -> bool {
+        self.tables
     }
 
     /// Puts `src` into a free slot of every ring.
     pub fn register(self: &Arc<Self>, src: FixedSource<'_>) -> io::Result<FixedBuffer> {
+        if !self.tables {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        // Since v5 the series refuses a target that is not O_DIRECT.
         check_direct(self.dev_fd)?;
-        let kind = match &src {
+        let (kind, source) = match &src {
             FixedSource::User { len, .. } if *len > MAX_USER_BUFFER || *len == 0 => {
                 return Err(io::Error::from_raw_os_error(libc::E2BIG))
             }
-            FixedSource::User { .. } => FixedKind::User,
-            FixedSource::Dmabuf(_) => FixedKind::Dmabuf,
+            FixedSource::User { addr, len } => (
+                FixedKind::User,
+                SlotSource::User {
+                    addr: *addr as usize,
+                    len: *len,
+                },
+            ),
+            FixedSource::Dmabuf(fd) => (
+                FixedKind::Dmabuf,
+                SlotSource::Dmabuf(fd.try_clone_to_owned()?),
+            ),
         };
-        let slot = self
+        let mut reg = self.registry.lock();
+        let slot = reg
             .free_slots
-            .lock()
             .pop()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
-        for (i, &ring_fd) in self.ring_fds.iter().enumerate() {
-            let r = match &src {
-                FixedSource::User { addr, len } => set_user_slot(ring_fd, slot, *addr, *len),
-                FixedSource::Dmabuf(fd) => {
-                    set_dmabuf_slot(ring_fd, slot as u32, fd.as_raw_fd(), self.dev_fd)
-                }
-            };
-            if let Err(e) = r {
-                for &done in &self.ring_fds[..i] {
+        for (i, &ring_fd) in reg.ring_fds.iter().enumerate() {
+            if let Err(e) = set_slot(ring_fd, slot, &source, self.dev_fd) {
+                for &done in &reg.ring_fds[..i] {
                     let _ = set_user_slot(done, slot, std::ptr::null_mut(), 0);
                 }
-                self.free_slots.lock().push(slot);
+                reg.free_slots.push(slot);
                 return Err(e);
             }
         }
+        reg.sources.insert(slot, source);
         debug!("fixed buffer slot {slot}: {kind:?}");
         Ok(FixedBuffer {
             rings: Arc::clone(self),
@@ -259,122 +358,433 @@ impl Rings {
     }
 
     fn release(&self, slot: u16) {
-        for &ring_fd in &self.ring_fds {
+        let mut reg = self.registry.lock();
+        for &ring_fd in &reg.ring_fds {
             if let Err(e) = set_user_slot(ring_fd, slot, std::ptr::null_mut(), 0) {
                 log::warn!("clearing fixed buffer slot {slot}: {e}");
             }
         }
-        self.free_slots.lock().push(slot);
+        reg.sources.remove(&slot);
+        reg.free_slots.push(slot);
     }
 
-    /// Runs every op and waits for all of them; short transfers are
-    /// continued, and no op is left in flight when this returns.
+    /// Registers `slot` again on every ring from what it was made of
+    /// (the kernel detached it: series v6+, NVMe reset or suspend).
+    fn reregister(&self, slot: u16) -> io::Result<()> {
+        let reg = self.registry.lock();
+        let source = reg
+            .sources
+            .get(&slot)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        for &ring_fd in &reg.ring_fds {
+            set_slot(ring_fd, slot, source, self.dev_fd)?;
+        }
+        self.counters.reregistered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Retires ring `index` (held in `ring`): it may have ops in flight
+    /// or entries queued, so it goes to the graveyard, never to be used
+    /// or freed before the pool; a fresh ring with every live slot
+    /// registered takes its place.
+    fn poison(&self, index: usize, ring: &mut Ring, why: &io::Error) {
+        log::warn!("io_uring ring {index} could not be drained ({why}); replacing it");
+        if let Some(old) = ring.uring.take() {
+            self.graveyard.lock().push(old);
+        }
+        self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.revive(index, ring) {
+            log::warn!("replacing io_uring ring {index}: {e} (will retry)");
+        }
+    }
+
+    /// Makes a ring for slot `index` of the pool if it has none.
+    fn revive(&self, index: usize, ring: &mut Ring) -> io::Result<()> {
+        if ring.uring.is_some() {
+            return Ok(());
+        }
+        let fresh = new_ring(self.tables)?;
+        let mut reg = self.registry.lock();
+        for (&slot, source) in &reg.sources {
+            set_slot(fresh.as_raw_fd(), slot, source, self.dev_fd)?;
+        }
+        reg.ring_fds[index] = fresh.as_raw_fd();
+        ring.uring = Some(fresh);
+        Ok(())
+    }
+
+    /// Runs every op, as few submissions as the ring depth allows, and
+    /// waits for all of them; short transfers are continued. Returns one
+    /// result per tag (`0..tags`): the first error of any of its ops.
+    /// No op of this call is left in flight on a ring that is used again.
     ///
     /// Ops on dmabufs are issued with `IOSQE_ASYNC`. In v3 an inline issue
     /// takes a reference on the dmabuf's device mapping and, when the block
     /// layer answers -EAGAIN and io-wq issues the request again, takes a
     /// second one and loses the first: the mapping then never goes away,
     /// its fence never signals, and unregistering the buffer (or any
-    /// `DMA_BUF_IOCTL_SYNC` on it) waits forever. Issued from io-wq the
-    /// request blocks instead of failing with -EAGAIN, and imports once.
-    pub fn transfer(&self, dir: Direction, ops: &[FixedOp]) -> io::Result<()> {
-        check_direct(self.dev_fd)?;
-        let mut todo: Vec<FixedOp> = ops
+    /// `DMA_BUF_IOCTL_SYNC` on it) waits forever (fixed in v4). Issued
+    /// from io-wq the request blocks instead of failing with -EAGAIN.
+    ///
+    /// A fixed op answered ENOENT (the series since v6: the kernel
+    /// detached the buffer) has its slot registered again on every ring
+    /// and is retried once; a second ENOENT is [`DeviceError::Detached`].
+    pub fn run(&self, dir: Direction, ops: &[RingOp], tags: usize) -> Vec<Result<(), DeviceError>> {
+        let mut results: Vec<Result<(), DeviceError>> = (0..tags).map(|_| Ok(())).collect();
+        if ops
             .iter()
+            .any(|op| matches!(op.target, OpTarget::Fixed { .. }))
+        {
+            if let Err(e) = check_direct(self.dev_fd) {
+                // Only the transfers that need fixed I/O are refused.
+                for op in ops.iter().filter(|op| op.target != OpTarget::Plain) {
+                    fail(
+                        &mut results,
+                        op.tag,
+                        DeviceError::Io(io::Error::new(e.kind(), e.to_string())),
+                    );
+                }
+            }
+        }
+        // (op, retried after ENOENT)
+        let mut todo: Vec<(RingOp, bool)> = ops
+            .iter()
+            .filter(|op| results[op.tag].is_ok())
             .flat_map(|op| {
-                (0..op.len).step_by(MAX_SQE_LEN).map(move |at| FixedOp {
-                    addr: op.addr + at as u64,
-                    dev_offset: op.dev_offset + at as u64,
-                    len: (op.len - at).min(MAX_SQE_LEN),
-                    ..*op
+                (0..op.len).step_by(MAX_SQE_LEN).map(move |at| {
+                    let piece = RingOp {
+                        addr: op.addr + at as u64,
+                        dev_offset: op.dev_offset + at as u64,
+                        len: (op.len - at).min(MAX_SQE_LEN),
+                        ..*op
+                    };
+                    (piece, false)
                 })
             })
             .collect();
-        let mut ring = self.pick();
-        let mut first_error = None;
+        let (index, mut ring) = self.pick();
+        let mut replacements = 0;
         while !todo.is_empty() {
-            let wave: Vec<FixedOp> = todo.drain(..todo.len().min(RING_DEPTH as usize)).collect();
-            for (i, op) in wave.iter().enumerate() {
-                let fd = types::Fd(self.dev_fd);
-                let sqe = match dir {
-                    Direction::Read => {
-                        opcode::ReadFixed::new(fd, op.addr as *mut u8, op.len as u32, op.slot)
-                            .offset(op.dev_offset)
-                            .build()
-                    }
-                    Direction::Write => {
-                        opcode::WriteFixed::new(fd, op.addr as *const u8, op.len as u32, op.slot)
-                            .offset(op.dev_offset)
-                            .build()
-                    }
-                }
-                .user_data(i as u64)
-                .flags(if op.dmabuf {
-                    squeue::Flags::ASYNC
-                } else {
-                    squeue::Flags::empty()
-                });
-                // SAFETY: the buffer behind the slot stays registered (its
-                // FixedBuffer is borrowed by the caller) until every
-                // completion is reaped below. The queue is empty at the
-                // start of a wave and a wave is at most RING_DEPTH long,
-                // so the push cannot fail and leave SQEs behind.
-                unsafe { ring.submission().push(&sqe) }
-                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            todo.retain(|(op, _)| results[op.tag].is_ok());
+            let wave: Vec<(RingOp, bool)> =
+                todo.drain(..todo.len().min(RING_DEPTH as usize)).collect();
+            if wave.is_empty() {
+                break;
             }
-            let mut pending = wave.len();
-            while pending > 0 {
-                match ring.submit_and_wait(1) {
-                    Ok(_) => {}
-                    // Interrupted, or the completion queue is full: reap
-                    // what is there and wait again.
-                    Err(e)
-                        if matches!(
-                            e.raw_os_error(),
-                            Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                        ) => {}
-                    // Only a broken ring (a bug) fails otherwise; its
-                    // ops cannot be waited for.
-                    Err(e) => return Err(e),
+            if let Err(e) = self.revive(index, &mut ring) {
+                for (op, _) in &wave {
+                    fail(
+                        &mut results,
+                        op.tag,
+                        DeviceError::Io(io::Error::new(e.kind(), e.to_string())),
+                    );
                 }
-                for cqe in ring.completion() {
-                    pending -= 1;
-                    let op = wave[cqe.user_data() as usize];
-                    let res = cqe.result();
-                    if res == -libc::EAGAIN || res == -libc::EINTR {
-                        todo.push(op);
-                    } else if res < 0 {
-                        first_error.get_or_insert(io::Error::from_raw_os_error(-res));
-                    } else if res == 0 {
-                        first_error.get_or_insert(io::Error::new(
+                continue;
+            }
+            match self.wave(dir, &mut ring, &wave, &mut results) {
+                WaveEnd::Done { mut detached } => {
+                    detached.sort_by_key(|(op, _)| op.target_slot());
+                    let mut last_slot = None;
+                    let mut slot_ok = false;
+                    for (op, retried) in detached {
+                        let slot = op.target_slot();
+                        if last_slot != Some(slot) {
+                            last_slot = Some(slot);
+                            slot_ok = !retried && slot.is_some_and(|s| self.reregister(s).is_ok());
+                        }
+                        if slot_ok && !retried {
+                            todo.push((op, true));
+                        } else {
+                            fail(&mut results, op.tag, DeviceError::Detached);
+                        }
+                    }
+                }
+                WaveEnd::NotQueued(e) => {
+                    // Nothing of this wave reached the kernel: poison the
+                    // ring (entries sit in its queue) and redo the wave.
+                    self.poison(index, &mut ring, &e);
+                    replacements += 1;
+                    if replacements > MAX_RING_REPLACEMENTS {
+                        for (op, _) in &wave {
+                            fail(
+                                &mut results,
+                                op.tag,
+                                DeviceError::Io(io::Error::new(e.kind(), e.to_string())),
+                            );
+                        }
+                    } else {
+                        todo.splice(0..0, wave);
+                    }
+                }
+                WaveEnd::Broken { unfinished, error } => {
+                    // Ops may still be in flight: their transfers fail,
+                    // and the ring is never used again.
+                    self.poison(index, &mut ring, &error);
+                    replacements += 1;
+                    for op in unfinished {
+                        fail(
+                            &mut results,
+                            op.tag,
+                            DeviceError::Io(io::Error::new(error.kind(), error.to_string())),
+                        );
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// Queues `wave` (at most the ring depth), submits it once and reaps
+    /// every completion. Ops that need another go (short, EAGAIN) are
+    /// re-queued in the same wave loop; errors land in `results`.
+    fn wave(
+        &self,
+        dir: Direction,
+        ring: &mut Ring,
+        wave: &[(RingOp, bool)],
+        results: &mut [Result<(), DeviceError>],
+    ) -> WaveEnd {
+        ring.wave = ring.wave.wrapping_add(1);
+        let wave_id = ring.wave as u64;
+        let Some(uring) = ring.uring.as_mut() else {
+            return WaveEnd::NotQueued(io::Error::other("no ring"));
+        };
+        // The ops in the kernel now, by index; None once completed.
+        let mut live: Vec<Option<(RingOp, bool)>> = wave.iter().map(|&w| Some(w)).collect();
+        let mut detached = Vec::new();
+        let mut pending = 0usize;
+        let mut queue: Vec<usize> = (0..wave.len()).collect();
+        while !queue.is_empty() || pending > 0 {
+            let mut queued_now = 0;
+            for (n, i) in queue.drain(..).enumerate() {
+                let (op, _) = live[i].expect("queued op is live");
+                let sqe = build_sqe(dir, self.dev_fd, &op).user_data((wave_id << 32) | i as u64);
+                #[cfg(test)]
+                let injected = {
+                    let mut inj = self.inject.lock();
+                    if inj.fail_push_after == Some(n) {
+                        inj.fail_push_after = None;
+                        true
+                    } else {
+                        false
+                    }
+                };
+                #[cfg(not(test))]
+                let injected = {
+                    let _ = n;
+                    false
+                };
+                // SAFETY: the memory behind each op (the caller's buffer,
+                // pinned by the kernel for fixed slots that the caller's
+                // FixedBuffer keeps registered) stays valid until this
+                // call returns, and it returns only when every op pushed
+                // here completed or the ring was retired for good.
+                let pushed = !injected && unsafe { uring.submission().push(&sqe) }.is_ok();
+                if !pushed {
+                    let e = io::Error::other("io_uring submission queue full");
+                    if pending == 0 {
+                        // First round: pushed entries were never submitted.
+                        return WaveEnd::NotQueued(e);
+                    }
+                    // Entries of this wave are queued or in flight.
+                    return WaveEnd::Broken {
+                        unfinished: live.iter().flatten().map(|(op, _)| *op).collect(),
+                        error: e,
+                    };
+                }
+                queued_now += 1;
+            }
+            pending += queued_now;
+            #[cfg(test)]
+            let injected = std::mem::take(&mut self.inject.lock().fail_enter);
+            #[cfg(not(test))]
+            let injected = false;
+            let entered = if injected {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                uring.submit_and_wait(pending)
+            };
+            match entered {
+                Ok(_) => {}
+                // Interrupted, or the completion queue is full: reap what
+                // is there and wait again.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                // A broken ring: what it holds cannot be waited for.
+                Err(e) => {
+                    return WaveEnd::Broken {
+                        unfinished: live.iter().flatten().map(|(op, _)| *op).collect(),
+                        error: e,
+                    }
+                }
+            }
+            for cqe in uring.completion() {
+                let data = cqe.user_data();
+                let i = (data & 0xffff_ffff) as usize;
+                if data >> 32 != wave_id || i >= live.len() || live[i].is_none() {
+                    log::warn!("io_uring: stale completion {data:#x} ignored");
+                    continue;
+                }
+                pending -= 1;
+                let (op, retried) = live[i].take().expect("checked above");
+                #[allow(unused_mut)]
+                let mut res = cqe.result();
+                #[cfg(test)]
+                if op.target != OpTarget::Plain && res >= 0 {
+                    let mut inj = self.inject.lock();
+                    if inj.enoent > 0 {
+                        inj.enoent -= 1;
+                        res = -libc::ENOENT;
+                    }
+                }
+                if res == -libc::EAGAIN || res == -libc::EINTR {
+                    live[i] = Some((op, retried));
+                    queue.push(i);
+                } else if res == -libc::ENOENT && op.target != OpTarget::Plain {
+                    detached.push((op, retried));
+                } else if res < 0 {
+                    fail(results, op.tag, errno_error(-res));
+                } else if res == 0 {
+                    fail(
+                        results,
+                        op.tag,
+                        DeviceError::Io(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "device returned no data",
-                        ));
-                    } else if (res as usize) < op.len {
-                        let n = res as usize;
-                        todo.push(FixedOp {
+                        )),
+                    );
+                } else if (res as usize) < op.len {
+                    let n = res as usize;
+                    live[i] = Some((
+                        RingOp {
                             addr: op.addr + n as u64,
                             dev_offset: op.dev_offset + n as u64,
                             len: op.len - n,
                             ..op
-                        });
-                    }
+                        },
+                        retried,
+                    ));
+                    queue.push(i);
                 }
             }
-            if first_error.is_some() {
-                break;
-            }
         }
-        first_error.map_or(Ok(()), Err)
+        WaveEnd::Done { detached }
     }
 
     /// A ring nobody is using, or (all busy) the next one in turn.
-    fn pick(&self) -> parking_lot::MutexGuard<'_, IoUring> {
+    fn pick(&self) -> (usize, parking_lot::MutexGuard<'_, Ring>) {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.rings.len();
         (0..n)
-            .find_map(|i| self.rings[(start + i) % n].try_lock())
-            .unwrap_or_else(|| self.rings[start % n].lock())
+            .find_map(|i| {
+                let at = (start + i) % n;
+                self.rings[at].try_lock().map(|g| (at, g))
+            })
+            .unwrap_or_else(|| (start % n, self.rings[start % n].lock()))
+    }
+}
+
+impl Drop for Rings {
+    fn drop(&mut self) {
+        let dead = self.graveyard.get_mut().len();
+        if dead > 0 {
+            debug!("dropping {dead} retired io_uring ring(s)");
+        }
+    }
+}
+
+/// How a wave ended.
+enum WaveEnd {
+    /// Every op completed; these fixed ops were answered ENOENT.
+    Done { detached: Vec<(RingOp, bool)> },
+    /// Nothing was submitted, but entries may sit in the queue.
+    NotQueued(io::Error),
+    /// Ops may be in flight; these had not completed.
+    Broken {
+        unfinished: Vec<RingOp>,
+        error: io::Error,
+    },
+}
+
+impl RingOp {
+    fn target_slot(&self) -> Option<u16> {
+        match self.target {
+            OpTarget::Plain => None,
+            OpTarget::Fixed { slot, .. } => Some(slot),
+        }
+    }
+}
+
+/// Records `e` for `tag` unless it already failed.
+fn fail(results: &mut [Result<(), DeviceError>], tag: usize, e: DeviceError) {
+    if results[tag].is_ok() {
+        results[tag] = Err(e);
+    }
+}
+
+/// A negative completion result as the error it means: EFAULT is the
+/// caller's memory, anything else the device's.
+fn errno_error(errno: i32) -> DeviceError {
+    match errno {
+        libc::EFAULT => DeviceError::Fault,
+        n => DeviceError::Io(io::Error::from_raw_os_error(n)),
+    }
+}
+
+fn build_sqe(dir: Direction, dev_fd: RawFd, op: &RingOp) -> squeue::Entry {
+    let fd = types::Fd(dev_fd);
+    let len = op.len as u32;
+    let (sqe, dmabuf) = match (op.target, dir) {
+        (OpTarget::Plain, Direction::Read) => (
+            opcode::Read::new(fd, op.addr as *mut u8, len)
+                .offset(op.dev_offset)
+                .build(),
+            false,
+        ),
+        (OpTarget::Plain, Direction::Write) => (
+            opcode::Write::new(fd, op.addr as *const u8, len)
+                .offset(op.dev_offset)
+                .build(),
+            false,
+        ),
+        (OpTarget::Fixed { slot, dmabuf }, Direction::Read) => (
+            opcode::ReadFixed::new(fd, op.addr as *mut u8, len, slot)
+                .offset(op.dev_offset)
+                .build(),
+            dmabuf,
+        ),
+        (OpTarget::Fixed { slot, dmabuf }, Direction::Write) => (
+            opcode::WriteFixed::new(fd, op.addr as *const u8, len, slot)
+                .offset(op.dev_offset)
+                .build(),
+            dmabuf,
+        ),
+    };
+    sqe.flags(if dmabuf {
+        squeue::Flags::ASYNC
+    } else {
+        squeue::Flags::empty()
+    })
+}
+
+/// A ring of the pool's depth, never IOPOLL (the series refuses it since
+/// v5), with a sparse buffer table when `tables`.
+fn new_ring(tables: bool) -> io::Result<IoUring> {
+    let ring = IoUring::new(RING_DEPTH)?;
+    if tables {
+        ring.submitter().register_buffers_sparse(SLOTS)?;
+    }
+    Ok(ring)
+}
+
+/// Puts `source` into `slot` of ring `ring_fd`.
+fn set_slot(ring_fd: RawFd, slot: u16, source: &SlotSource, dev_fd: RawFd) -> io::Result<()> {
+    match source {
+        SlotSource::User { addr, len } => set_user_slot(ring_fd, slot, *addr as *mut u8, *len),
+        SlotSource::Dmabuf(fd) => set_dmabuf_slot(ring_fd, slot as u32, fd.as_raw_fd(), dev_fd),
     }
 }
 
