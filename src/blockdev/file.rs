@@ -683,3 +683,398 @@ mod tests {
         assert!(dev.submit(Direction::Read, &rbuf, &ranges).is_err());
     }
 }
+
+#[cfg(test)]
+mod hardening_tests {
+    use super::*;
+    use crate::blockdev::usercopy;
+    use std::ptr::NonNull;
+    use std::sync::atomic::Ordering;
+
+    /// A device on a temp image filled with a known pattern, and the
+    /// model of its bytes; None where the temp dir refuses O_DIRECT.
+    fn patterned_device(len: usize) -> Option<(tempfile::TempDir, FileDevice, Vec<u8>)> {
+        let (dir, path) = temp_image(len as u64);
+        let model: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8 ^ 0x5a).collect();
+        std::fs::write(&path, &model).unwrap();
+        let dev = FileDevice::open(&path, OpenMode::default()).unwrap();
+        if !dev.is_direct() || dev.rings.is_none() {
+            println!("SKIP: no O_DIRECT or io_uring on the temp dir's filesystem");
+            return None;
+        }
+        Some((dir, dev, model))
+    }
+
+    fn pattern(len: usize, seed: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i + seed) * 31 % 251) as u8).collect()
+    }
+
+    /// A view of `mem` as memory O_DIRECT cannot target (like a dmabuf
+    /// mapping), which the device must bounce whole.
+    fn not_dma_safe(mem: &mut [u8]) -> IoBuffer<'_> {
+        // SAFETY: mem is borrowed mutably for the buffer's life.
+        unsafe {
+            IoBuffer::from_raw(
+                NonNull::new(mem.as_mut_ptr()).unwrap(),
+                mem.len(),
+                true,
+                false,
+            )
+        }
+    }
+
+    #[test]
+    fn bounce_round_trips_match_the_model_at_every_alignment() {
+        const DEV: usize = 8 << 20;
+        let Some((_dir, dev, mut model)) = patterned_device(DEV) else {
+            return;
+        };
+        let lens = [
+            1,
+            511,
+            4095,
+            4096,
+            4097,
+            3 * 4096 + 7,
+            BOUNCE_CHUNK + 4096 + 3,
+            2 * BOUNCE_CHUNK + 100,
+        ];
+        let mut seed = 0;
+        for &len in &lens {
+            for &(buf_off, dev_off) in &[
+                (0, 0),
+                (0, 4096),
+                (1, 1),
+                (100, 4196),
+                (4095, 3),
+                (7, 8192 + 4095),
+                (0, 4000),
+            ] {
+                for dma_safe in [true, false] {
+                    let dev_off = dev_off as u64 + (seed as u64 % 5) * (1 << 20);
+                    if dev_off as usize + len > DEV {
+                        continue;
+                    }
+                    seed += 1;
+                    let data = pattern(len, seed);
+                    let mut mem = AlignedBuf::new(buf_off + len + 4096);
+                    mem[buf_off..buf_off + len].copy_from_slice(&data);
+                    let r = IoRange {
+                        dev_offset: dev_off,
+                        buf_offset: buf_off,
+                        len,
+                    };
+                    let wbuf = if dma_safe {
+                        IoBuffer::from_mut(&mut mem)
+                    } else {
+                        not_dma_safe(&mut mem)
+                    };
+                    dev.submit(Direction::Write, &wbuf, &[r]).unwrap();
+                    drop(wbuf);
+                    model[dev_off as usize..dev_off as usize + len].copy_from_slice(&data);
+                    // Read back at another buffer offset into poisoned memory.
+                    let mut back = AlignedBuf::new(len + 8192);
+                    back.fill(0xEE);
+                    let rb = buf_off + 3;
+                    let rbuf = if dma_safe {
+                        IoBuffer::from_mut(&mut back)
+                    } else {
+                        not_dma_safe(&mut back)
+                    };
+                    let rr = IoRange {
+                        buf_offset: rb,
+                        ..r
+                    };
+                    dev.submit(Direction::Read, &rbuf, &[rr]).unwrap();
+                    drop(rbuf);
+                    assert!(
+                        back[rb..rb + len] == data[..],
+                        "len {len} buf {buf_off} dev {dev_off} dma {dma_safe}"
+                    );
+                    assert!(back[..rb].iter().all(|&b| b == 0xEE));
+                    assert!(back[rb + len..].iter().all(|&b| b == 0xEE));
+                }
+            }
+        }
+        // Every neighbouring byte was preserved by the read-modify-writes.
+        let mut whole = AlignedBuf::new(DEV);
+        dev.read_at(0, &mut whole).unwrap();
+        assert!(whole[..] == model[..]);
+        // Request sizes up to 2 MiB, all through one chunk at a time.
+        assert_eq!(dev.bounce_chunks_allocated(), 1);
+    }
+
+    #[test]
+    fn bounce_memory_does_not_grow_with_request_size() {
+        const LEN: usize = 40 << 20;
+        let Some((_dir, dev, model)) = patterned_device(LEN + (1 << 20)) else {
+            return;
+        };
+        // A large unaligned read and write through memory that must be
+        // bounced whole: the old backend allocated one bounce buffer as
+        // large as the request.
+        let mut mem = vec![0u8; LEN];
+        let r = IoRange {
+            dev_offset: 12345,
+            buf_offset: 0,
+            len: LEN - 1,
+        };
+        dev.submit(Direction::Read, &not_dma_safe(&mut mem), &[r])
+            .unwrap();
+        assert!(mem[..LEN - 1] == model[12345..12345 + LEN - 1]);
+        dev.submit(
+            Direction::Write,
+            &not_dma_safe(&mut mem),
+            &[IoRange { dev_offset: 7, ..r }],
+        )
+        .unwrap();
+        assert_eq!(dev.bounce_chunks_allocated(), 1);
+        // Many callers at once share at most BOUNCE_CHUNKS chunks.
+        std::thread::scope(|s| {
+            for t in 0..48 {
+                let dev = &dev;
+                s.spawn(move || {
+                    let mut m = vec![0u8; 3 << 20];
+                    let r = IoRange {
+                        dev_offset: 1 + t as u64 * 4096,
+                        buf_offset: 0,
+                        len: 3 << 20,
+                    };
+                    dev.submit(Direction::Read, &not_dma_safe(&mut m), &[r])
+                        .unwrap();
+                });
+            }
+        });
+        let made = dev.bounce_chunks_allocated();
+        assert!((1..=BOUNCE_CHUNKS).contains(&made), "{made} chunks");
+    }
+
+    /// A shared mapping of an unsealed memfd, as a caller's token buffer.
+    fn memfd_mapping(len: usize) -> (memfd::Memfd, *mut u8) {
+        let mfd = memfd::MemfdOptions::default().create("hostile").unwrap();
+        mfd.as_file().set_len(len as u64).unwrap();
+        // SAFETY: a fresh shared mapping of a file we own.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mfd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        (mfd, p.cast())
+    }
+
+    #[test]
+    fn vanished_caller_memory_fails_the_transfer_not_the_daemon() {
+        if !usercopy::GUARDED {
+            println!("SKIP: no guarded copies on this architecture");
+            return;
+        }
+        let Some((_dir, dev, model)) = patterned_device(4 << 20) else {
+            return;
+        };
+        let len = 1 << 20;
+        let (mfd, p) = memfd_mapping(len);
+        mfd.as_file().set_len(0).unwrap();
+        for dma_safe in [true, false] {
+            // SAFETY: the mapping stays for the test; its pages are gone.
+            let buf = unsafe { IoBuffer::from_raw(NonNull::new(p).unwrap(), len, true, dma_safe) };
+            for (dev_offset, buf_offset, n) in
+                [(0, 0, 8192), (100, 100, 5000), (1, 0, 4096), (0, 0, len)]
+            {
+                let r = IoRange {
+                    dev_offset,
+                    buf_offset,
+                    len: n,
+                };
+                for dir in [Direction::Read, Direction::Write] {
+                    let e = dev.submit(dir, &buf, &[r]).unwrap_err();
+                    assert!(
+                        matches!(e, DeviceError::Fault),
+                        "{dir:?} {r:?} dma {dma_safe}: {e}"
+                    );
+                }
+            }
+            assert!(matches!(buf.zero(10, 100), Err(DeviceError::Fault)));
+            assert!(matches!(
+                buf.copy_out(0, &mut [0u8; 16]),
+                Err(DeviceError::Fault)
+            ));
+            assert!(matches!(
+                buf.copy_in(0, &[1u8; 16]),
+                Err(DeviceError::Fault)
+            ));
+        }
+        // The device serves on, and no failed write touched it.
+        let mut back = vec![0u8; 4 << 20];
+        dev.read_at(0, &mut back).unwrap();
+        assert!(back == model);
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+
+    #[test]
+    fn a_batch_goes_down_as_one_wave_with_one_result_per_transfer() {
+        let Some((_dir, dev, model)) = patterned_device(4 << 20) else {
+            return;
+        };
+        let rings = dev.rings.as_ref().unwrap();
+        let mut bufs: Vec<AlignedBuf> = (0..128).map(|_| AlignedBuf::new(4096)).collect();
+        let ranges: Vec<[IoRange; 1]> = (0..128)
+            .map(|i| {
+                [IoRange {
+                    dev_offset: (i * 7919 % 1000) as u64 * 4096,
+                    buf_offset: 0,
+                    len: 4096,
+                }]
+            })
+            .collect();
+        let io: Vec<IoBuffer<'_>> = bufs.iter_mut().map(|b| IoBuffer::from_mut(b)).collect();
+        let mut transfers: Vec<(&IoBuffer<'_>, &[IoRange])> =
+            io.iter().zip(&ranges).map(|(b, r)| (b, &r[..])).collect();
+        let bad = [IoRange {
+            dev_offset: 4 << 20,
+            buf_offset: 0,
+            len: 4096,
+        }];
+        transfers[5].1 = &bad;
+        let before = rings.counters.waves.load(Ordering::Relaxed);
+        let results = dev.submit_many(Direction::Read, &transfers);
+        assert_eq!(rings.counters.waves.load(Ordering::Relaxed) - before, 1);
+        assert_eq!(results.len(), 128);
+        drop(io);
+        for (i, r) in results.iter().enumerate() {
+            if i == 5 {
+                assert!(matches!(r, Err(DeviceError::OutsideDevice { .. })));
+                continue;
+            }
+            r.as_ref().unwrap();
+            let at = ranges[i][0].dev_offset as usize;
+            assert!(bufs[i][..] == model[at..at + 4096], "transfer {i}");
+        }
+    }
+
+    /// A device with fixed buffers, a registered source and destination
+    /// of `len` bytes each.
+    struct Fixed {
+        _dir: tempfile::TempDir,
+        dev: FileDevice,
+        src: AlignedBuf,
+        dst: AlignedBuf,
+    }
+
+    fn fixed_device(len: usize) -> Option<Fixed> {
+        let (dir, mut dev, _) = patterned_device(16 << 20)?;
+        dev.enable_fixed_buffers().unwrap();
+        let mut src = AlignedBuf::new(len);
+        src.copy_from_slice(&pattern(len, 3));
+        let dst = AlignedBuf::new(len);
+        Some(Fixed {
+            _dir: dir,
+            dev,
+            src,
+            dst,
+        })
+    }
+
+    impl Fixed {
+        fn register(&self, b: &AlignedBuf) -> FixedBuffer {
+            self.dev
+                .register_fixed(FixedSource::User {
+                    addr: b.as_ptr() as *mut u8,
+                    len: b.len(),
+                })
+                .unwrap()
+        }
+
+        /// Writes all of src at `at` (in 8 ranges) with fixed I/O, reads it
+        /// back the same way, and compares.
+        fn round_trip(
+            &mut self,
+            fsrc: &FixedBuffer,
+            fdst: &FixedBuffer,
+            at: u64,
+        ) -> Result<(), DeviceError> {
+            let n = self.src.len();
+            let ranges: Vec<IoRange> = (0..8)
+                .map(|i| IoRange {
+                    dev_offset: at + (i * n / 8) as u64,
+                    buf_offset: i * n / 8,
+                    len: n / 8,
+                })
+                .collect();
+            let addr = self.src.as_ptr() as u64;
+            let wbuf = IoBuffer::from_ref(&self.src).with_fixed(fsrc, addr);
+            self.dev.submit(Direction::Write, &wbuf, &ranges)?;
+            self.dst.fill(0);
+            let addr = self.dst.as_ptr() as u64;
+            let rbuf = IoBuffer::from_mut(&mut self.dst).with_fixed(fdst, addr);
+            self.dev.submit(Direction::Read, &rbuf, &ranges)?;
+            assert!(self.dst[..] == self.src[..], "bytes at {at}");
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_ring_that_could_not_be_drained_is_replaced_not_reused() {
+        let Some(mut f) = fixed_device(1 << 20) else {
+            return;
+        };
+        let fsrc = f.register(&f.src);
+        let fdst = f.register(&f.dst);
+        let rings = Arc::clone(f.dev.rings.as_ref().unwrap());
+        // The SQ push fails after 2 of 8 entries: the old code returned
+        // with those 2 queued, and the next call on that ring submitted
+        // them with its own, counting their completions as its ops'.
+        rings.inject.lock().fail_push_after = Some(2);
+        f.round_trip(&fsrc, &fdst, 0).unwrap();
+        assert_eq!(rings.counters.replaced.load(Ordering::Relaxed), 1);
+        // io_uring_enter fails for a wave: that transfer fails, the ring
+        // is retired.
+        rings.inject.lock().fail_enter = true;
+        assert!(f.round_trip(&fsrc, &fdst, 2 << 20).is_err());
+        assert_eq!(rings.counters.replaced.load(Ordering::Relaxed), 2);
+        // Every ring of the pool (replacements included, whose tables
+        // got the live slots again) moves the right bytes.
+        for i in 0..2 * RINGS_IN_POOL {
+            f.round_trip(&fsrc, &fdst, (4 + i as u64) << 20).unwrap();
+        }
+        // Plain (unregistered) I/O on the replaced rings too.
+        let data = pattern(1 << 20, 9);
+        f.dev.write_at(3 << 20, &data).unwrap();
+        let mut back = AlignedBuf::new(1 << 20);
+        for _ in 0..RINGS_IN_POOL {
+            back.fill(0);
+            f.dev.read_at(3 << 20, &mut back).unwrap();
+            assert!(back[..] == data[..]);
+        }
+    }
+
+    const RINGS_IN_POOL: usize = 4;
+
+    #[test]
+    fn detached_slots_are_registered_again_once_then_reported() {
+        let Some(mut f) = fixed_device(256 << 10) else {
+            return;
+        };
+        let fsrc = f.register(&f.src);
+        let fdst = f.register(&f.dst);
+        let rings = Arc::clone(f.dev.rings.as_ref().unwrap());
+        // One op answered ENOENT (an NVMe reset detached the buffer):
+        // registered again, retried, right bytes.
+        rings.inject.lock().enoent = 1;
+        f.round_trip(&fsrc, &fdst, 0).unwrap();
+        assert_eq!(rings.counters.reregistered.load(Ordering::Relaxed), 1);
+        // ENOENT again after re-registration: Detached, for the caller
+        // to move the data another way.
+        rings.inject.lock().enoent = 1000;
+        let e = f.round_trip(&fsrc, &fdst, 0).unwrap_err();
+        assert!(matches!(e, DeviceError::Detached), "{e}");
+        rings.inject.lock().enoent = 0;
+        f.round_trip(&fsrc, &fdst, 1 << 20).unwrap();
+    }
+}

@@ -252,6 +252,8 @@ pub struct RingCounters {
     pub replaced: AtomicU64,
     /// Slots registered again after the kernel answered ENOENT.
     pub reregistered: AtomicU64,
+    /// Submissions of a first round of ops (one per wave).
+    pub waves: AtomicU64,
 }
 
 pub(super) struct Rings {
@@ -545,6 +547,7 @@ impl Rings {
         results: &mut [Result<(), DeviceError>],
     ) -> WaveEnd {
         ring.wave = ring.wave.wrapping_add(1);
+        self.counters.waves.fetch_add(1, Ordering::Relaxed);
         let wave_id = ring.wave as u64;
         let Some(uring) = ring.uring.as_mut() else {
             return WaveEnd::NotQueued(io::Error::other("no ring"));
