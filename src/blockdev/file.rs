@@ -770,12 +770,12 @@ mod hardening_tests {
                         not_dma_safe(&mut mem)
                     };
                     dev.submit(Direction::Write, &wbuf, &[r]).unwrap();
-                    drop(wbuf);
                     model[dev_off as usize..dev_off as usize + len].copy_from_slice(&data);
-                    // Read back at another buffer offset into poisoned memory.
+                    // Read back into poisoned memory, at a buffer offset
+                    // of the same or of another 4 KiB alignment.
                     let mut back = AlignedBuf::new(len + 8192);
                     back.fill(0xEE);
-                    let rb = buf_off + 3;
+                    let rb = buf_off + if seed % 2 == 0 { 3 } else { 4096 };
                     let rbuf = if dma_safe {
                         IoBuffer::from_mut(&mut back)
                     } else {
@@ -786,7 +786,6 @@ mod hardening_tests {
                         ..r
                     };
                     dev.submit(Direction::Read, &rbuf, &[rr]).unwrap();
-                    drop(rbuf);
                     assert!(
                         back[rb..rb + len] == data[..],
                         "len {len} buf {buf_off} dev {dev_off} dma {dma_safe}"

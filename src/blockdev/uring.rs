@@ -1,5 +1,5 @@
-//! io_uring fixed-buffer I/O on the device fd, and the probe for the
-//! kernel series' dmabuf registered buffers.
+//! io_uring I/O on the device fd (plain and fixed-buffer), and the probe
+//! for the kernel series' dmabuf registered buffers.
 //!
 //! A [`Rings`] is a small pool of rings that share one slot numbering:
 //! every registered buffer sits in the same slot of every ring, so any
@@ -12,7 +12,19 @@
 //!
 //! The series trusts the target file to be `O_DIRECT`: a backport was seen
 //! to report full-length transfers that moved nothing once `O_DIRECT` was
-//! cleared. So the device fd is checked before every transfer.
+//! cleared (since v5 registration refuses such a target and later I/O
+//! fails with EOPNOTSUPP). So the device fd is checked before every
+//! fixed transfer. Rings are never IOPOLL (v5+ answers EOPNOTSUPP) and
+//! descriptors carry `flags = 0` (v5+ answers anything else EINVAL).
+//!
+//! Robustness: a ring that returns with ops possibly queued or in flight
+//! is poisoned, kept alive until the pool drops, and replaced by a fresh
+//! ring given every live slot again (the pool remembers each slot's
+//! source); completions carry a per-wave tag so none can count for a
+//! later wave. Since v6 the kernel detaches every registered dmabuf on
+//! an NVMe reset, suspend or removal and fixed I/O on the slot answers
+//! ENOENT: the slot is registered again on every ring and the op retried
+//! once, then reported as [`DeviceError::Detached`].
 
 use std::collections::HashMap;
 use std::io;
@@ -56,7 +68,8 @@ struct RsrcUpdate2 {
     resv2: u32,
 }
 
-/// `struct io_uring_regbuf_desc` of the v3 series (80 bytes).
+/// `struct io_uring_regbuf_desc` of the v3 series (80 bytes, unchanged
+/// through v7; since v5 `flags` must be 0).
 #[repr(C)]
 #[derive(Default)]
 struct RegbufDesc {
@@ -72,7 +85,8 @@ struct RegbufDesc {
 /// What the running kernel offers for dmabuf registered buffers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelSupport {
-    /// The v3 UAPI answered as a patched kernel would.
+    /// The v3 UAPI (unchanged through v7) answered as a patched kernel
+    /// would; [`probe_generation`] tells v3/v4 from v5+.
     Present,
     /// Not there, with the reason.
     Absent(String),
@@ -81,34 +95,63 @@ pub enum KernelSupport {
 /// Probes for the series without a dmabuf: in a one-slot sparse table, an
 /// extended update of type dmabuf with `target_fd = -1`. A kernel without
 /// the series rejects the flag (EINVAL); one with it gets as far as
-/// looking up the target file (EBADF).
+/// looking up the target file (EBADF). [`probe_generation`] says which
+/// generation of the series answered.
 pub fn probe_dmabuf_support() -> KernelSupport {
-    let ring = match IoUring::new(1) {
-        Ok(r) => r,
-        Err(e) => return KernelSupport::Absent(format!("io_uring unavailable ({e})")),
-    };
-    if let Err(e) = ring.submitter().register_buffers_sparse(1) {
-        return KernelSupport::Absent(format!("no io_uring sparse buffer tables ({e})"));
+    match probe_with_flags(0) {
+        Ok(Err(e)) => match e.raw_os_error() {
+            Some(libc::EBADF) => KernelSupport::Present,
+            Some(libc::EOPNOTSUPP) => KernelSupport::Absent(
+                "kernel has the io_uring dmabuf UAPI but dmabuf support is not built in \
+                 (CONFIG_DMA_SHARED_BUFFER since v4 of the series; CONFIG_DMABUF_TOKEN on v3)"
+                    .into(),
+            ),
+            Some(n) => KernelSupport::Absent(format!(
+                "no io_uring dmabuf registered buffers (probe: errno {n}); they need a kernel \
+                 with the dmabuf read/write series and CONFIG_DMA_SHARED_BUFFER"
+            )),
+            None => KernelSupport::Absent(format!("probe failed: {e}")),
+        },
+        Ok(Ok(())) => KernelSupport::Absent("unexpected success of the probe".into()),
+        Err(why) => KernelSupport::Absent(why),
     }
+}
+
+/// Which generation of the series the running kernel has, where a probe
+/// can tell: `"v5+"` (a nonzero `desc.flags` is EINVAL since v5, which
+/// also refuses IOPOLL rings and non-O_DIRECT targets) or `"v3/v4"` (the
+/// same descriptor gets as far as the target lookup, EBADF). None without
+/// the series or when the answer is neither.
+pub fn probe_generation() -> Option<&'static str> {
+    if probe_dmabuf_support() != KernelSupport::Present {
+        return None;
+    }
+    match probe_with_flags(1) {
+        Ok(Err(e)) => match e.raw_os_error() {
+            Some(libc::EINVAL) => Some("v5+"),
+            Some(libc::EBADF) => Some("v3/v4"),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// One extended dmabuf update with `target_fd = -1` and `flags` in the
+/// descriptor on a fresh one-slot ring: the kernel's answer, or why no
+/// ring could be set up.
+fn probe_with_flags(flags: u32) -> Result<io::Result<()>, String> {
+    let ring = IoUring::new(1).map_err(|e| format!("io_uring unavailable ({e})"))?;
+    ring.submitter()
+        .register_buffers_sparse(1)
+        .map_err(|e| format!("no io_uring sparse buffer tables ({e})"))?;
     let desc = RegbufDesc {
         kind: IO_REGBUF_TYPE_DMABUF,
+        flags,
         dmabuf_fd: -1,
         target_fd: -1,
         ..Default::default()
     };
-    match update_extended(ring.as_raw_fd(), 0, &desc) {
-        Ok(()) => KernelSupport::Absent("unexpected success of the probe".into()),
-        Err(e) => match e.raw_os_error() {
-            Some(libc::EBADF) => KernelSupport::Present,
-            Some(libc::EOPNOTSUPP) => {
-                KernelSupport::Absent("kernel has the dmabuf UAPI but no DMABUF_TOKEN".into())
-            }
-            Some(n) => KernelSupport::Absent(format!(
-                "no io_uring dmabuf registered buffers (probe: errno {n})"
-            )),
-            None => KernelSupport::Absent(format!("probe failed: {e}")),
-        },
-    }
+    Ok(update_extended(ring.as_raw_fd(), 0, &desc))
 }
 
 /// One extended buffer-table update of slot `slot`.
@@ -862,11 +905,15 @@ mod tests {
 
     #[test]
     fn probe_answers() {
+        let generation = probe_generation();
         match probe_dmabuf_support() {
-            KernelSupport::Present => println!("kernel has dmabuf registered buffers"),
+            KernelSupport::Present => {
+                println!("kernel has dmabuf registered buffers, series {generation:?}")
+            }
             KernelSupport::Absent(why) => {
                 assert!(!why.is_empty());
                 println!("no dmabuf registered buffers here: {why}");
+                assert_eq!(generation, None);
             }
         }
     }
