@@ -473,7 +473,32 @@ impl Rings {
     /// A fixed op answered ENOENT (the series since v6: the kernel
     /// detached the buffer) has its slot registered again on every ring
     /// and is retried once; a second ENOENT is [`DeviceError::Detached`].
-    pub fn run(&self, dir: Direction, ops: &[RingOp], tags: usize) -> Vec<Result<(), DeviceError>> {
+    ///
+    /// With `wait` false and every ring busy, returns None at once (the
+    /// caller moves plain ops another way rather than queue behind them).
+    pub fn run(
+        &self,
+        dir: Direction,
+        ops: &[RingOp],
+        tags: usize,
+        wait: bool,
+    ) -> Option<Vec<Result<(), DeviceError>>> {
+        let (index, ring) = match self.try_pick() {
+            Some(picked) => picked,
+            None if wait => self.pick(),
+            None => return None,
+        };
+        Some(self.run_on(index, ring, dir, ops, tags))
+    }
+
+    fn run_on(
+        &self,
+        index: usize,
+        mut ring: parking_lot::MutexGuard<'_, Ring>,
+        dir: Direction,
+        ops: &[RingOp],
+        tags: usize,
+    ) -> Vec<Result<(), DeviceError>> {
         let mut results: Vec<Result<(), DeviceError>> = (0..tags).map(|_| Ok(())).collect();
         if ops
             .iter()
@@ -506,7 +531,6 @@ impl Rings {
                 })
             })
             .collect();
-        let (index, mut ring) = self.pick();
         let mut replacements = 0;
         while !todo.is_empty() {
             todo.retain(|(op, _)| results[op.tag].is_ok());
@@ -719,16 +743,20 @@ impl Rings {
         WaveEnd::Done { detached }
     }
 
-    /// A ring nobody is using, or (all busy) the next one in turn.
-    fn pick(&self) -> (usize, parking_lot::MutexGuard<'_, Ring>) {
+    /// A ring nobody is using, starting with the next one in turn.
+    fn try_pick(&self) -> Option<(usize, parking_lot::MutexGuard<'_, Ring>)> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.rings.len();
-        (0..n)
-            .find_map(|i| {
-                let at = (start + i) % n;
-                self.rings[at].try_lock().map(|g| (at, g))
-            })
-            .unwrap_or_else(|| (start % n, self.rings[start % n].lock()))
+        (0..n).find_map(|i| {
+            let at = (start + i) % n;
+            self.rings[at].try_lock().map(|g| (at, g))
+        })
+    }
+
+    /// The next ring in turn, waiting for it.
+    fn pick(&self) -> (usize, parking_lot::MutexGuard<'_, Ring>) {
+        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.rings.len();
+        (at, self.rings[at].lock())
     }
 }
 
