@@ -1086,7 +1086,7 @@ mod hardening_tests {
 
     #[test]
     fn buffers_without_a_cpu_mapping_move_only_by_fixed_io() {
-        let Some(mut f) = fixed_device(64 << 10) else {
+        let Some(f) = fixed_device(64 << 10) else {
             return;
         };
         let fsrc = f.register(&f.src);
