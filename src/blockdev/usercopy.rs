@@ -307,4 +307,48 @@ mod tests {
             assert!(dst[to + len..].iter().all(|&b| b == 0xEE));
         }
     }
+
+    /// Child half of [`faults_elsewhere_still_kill_the_process`]: with
+    /// the handler installed, fault outside the guarded routines.
+    #[test]
+    fn fault_outside_the_guard_child() {
+        let Ok(how) = std::env::var("USERCOPY_CRASH_CHILD") else {
+            return; // run only as the child
+        };
+        let (mfd, p) = shared_memfd(4096);
+        // SAFETY: a valid mapping; installs the handler.
+        unsafe { copy(p, [1u8; 8].as_ptr(), 8).unwrap() };
+        mfd.as_file().set_len(0).unwrap();
+        // SAFETY: deliberately not: the faults below must kill us.
+        unsafe {
+            match how.as_str() {
+                "bus" => println!("{}", std::ptr::read_volatile(p)),
+                _ => println!("{}", std::ptr::read_volatile(8 as *const u8)),
+            }
+        }
+        println!("survived a fault outside the guard");
+    }
+
+    #[test]
+    fn faults_elsewhere_still_kill_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        if !GUARDED {
+            println!("SKIP: no guarded copies on this architecture");
+            return;
+        }
+        for (how, sig) in [("bus", libc::SIGBUS), ("segv", libc::SIGSEGV)] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "blockdev::usercopy::tests::fault_outside_the_guard_child",
+                ])
+                .args(["--nocapture", "--test-threads=1"])
+                .env("USERCOPY_CRASH_CHILD", how)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(!stdout.contains("survived"), "{how}: {stdout}");
+            assert_eq!(out.status.signal(), Some(sig), "{how}: {:?}", out.status);
+        }
+    }
 }
