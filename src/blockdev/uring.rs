@@ -550,17 +550,22 @@ impl Rings {
                 continue;
             }
             match self.wave(dir, &mut ring, &wave, &mut results) {
-                WaveEnd::Done { mut detached } => {
-                    detached.sort_by_key(|(op, _)| op.target_slot());
-                    let mut last_slot = None;
-                    let mut slot_ok = false;
+                WaveEnd::Done { detached } => {
+                    // Each detached slot is registered again once per
+                    // wave; an op that already had its retry is done.
+                    let mut registered: HashMap<u16, bool> = HashMap::new();
                     for (op, retried) in detached {
-                        let slot = op.target_slot();
-                        if last_slot != Some(slot) {
-                            last_slot = Some(slot);
-                            slot_ok = !retried && slot.is_some_and(|s| self.reregister(s).is_ok());
-                        }
-                        if slot_ok && !retried {
+                        let again = !retried
+                            && op.target_slot().is_some_and(|slot| {
+                                *registered.entry(slot).or_insert_with(|| {
+                                    self.reregister(slot)
+                                        .inspect_err(|e| {
+                                            log::warn!("registering slot {slot} again: {e}")
+                                        })
+                                        .is_ok()
+                                })
+                            });
+                        if again {
                             todo.push((op, true));
                         } else {
                             fail(&mut results, op.tag, DeviceError::Detached);
