@@ -572,13 +572,13 @@ impl Rings {
                         }
                     }
                 }
-                WaveEnd::NotQueued(e) => {
-                    // Nothing of this wave reached the kernel: poison the
-                    // ring (entries sit in its queue) and redo the wave.
+                WaveEnd::NotQueued { redo, error: e } => {
+                    // Nothing is in flight: poison the ring (entries sit
+                    // in its queue) and redo what is left on a fresh one.
                     self.poison(index, &mut ring, &e);
                     replacements += 1;
                     if replacements > MAX_RING_REPLACEMENTS {
-                        for (op, _) in &wave {
+                        for (op, _) in &redo {
                             fail(
                                 &mut results,
                                 op.tag,
@@ -586,7 +586,7 @@ impl Rings {
                             );
                         }
                     } else {
-                        todo.splice(0..0, wave);
+                        todo.splice(0..0, redo);
                     }
                 }
                 WaveEnd::Broken { unfinished, error } => {
@@ -621,7 +621,10 @@ impl Rings {
         self.counters.waves.fetch_add(1, Ordering::Relaxed);
         let wave_id = ring.wave as u64;
         let Some(uring) = ring.uring.as_mut() else {
-            return WaveEnd::NotQueued(io::Error::other("no ring"));
+            return WaveEnd::NotQueued {
+                redo: wave.to_vec(),
+                error: io::Error::other("no ring"),
+            };
         };
         // The ops in the kernel now, by index; None once completed.
         let mut live: Vec<Option<(RingOp, bool)>> = wave.iter().map(|&w| Some(w)).collect();
@@ -655,15 +658,18 @@ impl Rings {
                 // here completed or the ring was retired for good.
                 let pushed = !injected && unsafe { uring.submission().push(&sqe) }.is_ok();
                 if !pushed {
-                    let e = io::Error::other("io_uring submission queue full");
+                    let error = io::Error::other("io_uring submission queue full");
+                    // What has not completed (answered ENOENT included).
+                    let mut left: Vec<(RingOp, bool)> = live.iter().flatten().copied().collect();
+                    left.extend(detached);
                     if pending == 0 {
-                        // First round: pushed entries were never submitted.
-                        return WaveEnd::NotQueued(e);
+                        // Nothing in flight: what this round pushed was
+                        // never submitted, so it can all be done again.
+                        return WaveEnd::NotQueued { redo: left, error };
                     }
-                    // Entries of this wave are queued or in flight.
                     return WaveEnd::Broken {
-                        unfinished: live.iter().flatten().map(|(op, _)| *op).collect(),
-                        error: e,
+                        unfinished: left.into_iter().map(|(op, _)| op).collect(),
+                        error,
                     };
                 }
                 queued_now += 1;
@@ -688,11 +694,12 @@ impl Rings {
                         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                     ) => {}
                 // A broken ring: what it holds cannot be waited for.
-                Err(e) => {
+                Err(error) => {
+                    let unfinished = live.iter().flatten().chain(&detached);
                     return WaveEnd::Broken {
-                        unfinished: live.iter().flatten().map(|(op, _)| *op).collect(),
-                        error: e,
-                    }
+                        unfinished: unfinished.map(|(op, _)| *op).collect(),
+                        error,
+                    };
                 }
             }
             for cqe in uring.completion() {
@@ -778,8 +785,12 @@ impl Drop for Rings {
 enum WaveEnd {
     /// Every op completed; these fixed ops were answered ENOENT.
     Done { detached: Vec<(RingOp, bool)> },
-    /// Nothing was submitted, but entries may sit in the queue.
-    NotQueued(io::Error),
+    /// Nothing is in flight, but entries may sit in the queue; these ops
+    /// are still to do.
+    NotQueued {
+        redo: Vec<(RingOp, bool)>,
+        error: io::Error,
+    },
     /// Ops may be in flight; these had not completed.
     Broken {
         unfinished: Vec<RingOp>,
