@@ -468,3 +468,50 @@ fn check_device_range(size: u64, r: &IoRange) -> Result<(), DeviceError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_failure_is_an_error_not_an_abort() {
+        assert!(matches!(
+            AlignedBuf::try_new(usize::MAX - 10),
+            Err(DeviceError::NoMemory)
+        ));
+        // More than any machine has (and more than overcommit allows).
+        assert!(matches!(
+            AlignedBuf::try_new(1 << 52),
+            Err(DeviceError::NoMemory)
+        ));
+        let b = AlignedBuf::try_new(5000).unwrap();
+        assert_eq!((b.len(), b.capacity()), (5000, 8192));
+        assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN, 0);
+    }
+
+    #[test]
+    fn buffer_copies_check_bounds_and_direction() {
+        let mut mem = vec![0u8; 100];
+        let buf = IoBuffer::from_mut(&mut mem);
+        buf.copy_in(90, &[7; 10]).unwrap();
+        assert!(matches!(
+            buf.copy_in(91, &[7; 10]),
+            Err(DeviceError::OutsideBuffer)
+        ));
+        assert!(matches!(
+            buf.zero(usize::MAX, 2),
+            Err(DeviceError::OutsideBuffer)
+        ));
+        buf.zero(95, 2).unwrap();
+        let mut out = [0u8; 10];
+        buf.copy_out(90, &mut out).unwrap();
+        assert_eq!(out, [7, 7, 7, 7, 7, 0, 0, 7, 7, 7]);
+        let ro = [1u8; 10];
+        let rbuf = IoBuffer::from_ref(&ro);
+        assert!(matches!(
+            rbuf.copy_in(0, &[0]),
+            Err(DeviceError::ReadOnlyBuffer)
+        ));
+        assert!(matches!(rbuf.zero(0, 1), Err(DeviceError::ReadOnlyBuffer)));
+    }
+}
