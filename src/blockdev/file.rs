@@ -1044,6 +1044,29 @@ mod hardening_tests {
         rings.inject.lock().fail_enter = true;
         assert!(f.round_trip(&fsrc, &fdst, 2 << 20).is_err());
         assert_eq!(rings.counters.replaced.load(Ordering::Relaxed), 2);
+        // The same with the ops already in flight: the call waits for
+        // them to land before it hands the caller's memory back.
+        let n = f.src.len();
+        let ranges: Vec<IoRange> = (0..8)
+            .map(|i| IoRange {
+                dev_offset: (3 << 20) + (i * n / 8) as u64,
+                buf_offset: i * n / 8,
+                len: n / 8,
+            })
+            .collect();
+        let addr = f.src.as_ptr() as u64;
+        let wbuf = IoBuffer::from_ref(&f.src).with_fixed(&fsrc, addr);
+        f.dev.submit(Direction::Write, &wbuf, &ranges).unwrap();
+        f.dst.fill(0);
+        rings.inject.lock().fail_enter_in_flight = true;
+        let addr = f.dst.as_ptr() as u64;
+        let rbuf = IoBuffer::from_mut(&mut f.dst).with_fixed(&fdst, addr);
+        assert!(f.dev.submit(Direction::Read, &rbuf, &ranges).is_err());
+        assert!(
+            f.dst[..] == f.src[..],
+            "in-flight reads landed before the call returned"
+        );
+        assert_eq!(rings.counters.replaced.load(Ordering::Relaxed), 3);
         // Every ring of the pool (replacements included, whose tables
         // got the live slots again) moves the right bytes.
         for i in 0..2 * RINGS_IN_POOL {

@@ -283,6 +283,9 @@ pub(super) struct Inject {
     /// The next wave's `io_uring_enter` fails with EIO (once), leaving
     /// its entries in the queue.
     pub fail_enter: bool,
+    /// As `fail_enter`, but after the kernel took the entries: the ops
+    /// are in flight when the error comes.
+    pub fail_enter_in_flight: bool,
     /// The next this many fixed completions say ENOENT (a detached slot).
     pub enoent: usize,
 }
@@ -460,7 +463,10 @@ impl Rings {
     /// Runs every op, as few submissions as the ring depth allows, and
     /// waits for all of them; short transfers are continued. Returns one
     /// result per tag (`0..tags`): the first error of any of its ops.
-    /// No op of this call is left in flight on a ring that is used again.
+    /// No op of this call is left in flight on a ring that is used again;
+    /// when a ring breaks, the ops the kernel already took are waited for
+    /// (polling its completion queue, up to [`SETTLE_TIMEOUT`]) so they do
+    /// not land in the caller's memory after the call returned.
     ///
     /// Ops on dmabufs are issued with `IOSQE_ASYNC`. In v3 an inline issue
     /// takes a reference on the dmabuf's device mapping and, when the block
@@ -667,6 +673,9 @@ impl Rings {
                         // never submitted, so it can all be done again.
                         return WaveEnd::NotQueued { redo: left, error };
                     }
+                    // Ops of earlier rounds are in flight: let them land
+                    // before the caller's memory is handed back.
+                    settle(uring, wave_id, pending, &mut live);
                     return WaveEnd::Broken {
                         unfinished: left.into_iter().map(|(op, _)| op).collect(),
                         error,
@@ -676,7 +685,15 @@ impl Rings {
             }
             pending += queued_now;
             #[cfg(test)]
-            let injected = std::mem::take(&mut self.inject.lock().fail_enter);
+            let injected = {
+                let mut inj = self.inject.lock();
+                if std::mem::take(&mut inj.fail_enter_in_flight) {
+                    let _ = uring.submit();
+                    true
+                } else {
+                    std::mem::take(&mut inj.fail_enter)
+                }
+            };
             #[cfg(not(test))]
             let injected = false;
             let entered = if injected {
@@ -695,7 +712,17 @@ impl Rings {
                     ) => {}
                 // A broken ring: what it holds cannot be waited for.
                 Err(error) => {
-                    let unfinished = live.iter().flatten().chain(&detached);
+                    let unfinished: Vec<(RingOp, bool)> =
+                        live.iter().flatten().chain(&detached).copied().collect();
+                    // The kernel took what left the SQ; wait for those.
+                    let unconsumed = uring.submission().len();
+                    settle(
+                        uring,
+                        wave_id,
+                        pending.saturating_sub(unconsumed),
+                        &mut live,
+                    );
+                    let unfinished = unfinished.iter();
                     return WaveEnd::Broken {
                         unfinished: unfinished.map(|(op, _)| *op).collect(),
                         error,
@@ -804,6 +831,43 @@ impl RingOp {
             OpTarget::Plain => None,
             OpTarget::Fixed { slot, .. } => Some(slot),
         }
+    }
+}
+
+/// How long a broken ring's in-flight ops get to complete before a call
+/// returns without them.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// On a ring that cannot be entered any more: waits, by polling its
+/// completion queue (the kernel posts there without being entered), for
+/// `in_flight` ops of wave `wave_id` to complete, so that none still
+/// writes into a caller's memory once the call returns. Their results
+/// are dropped: the transfers fail anyway.
+fn settle(
+    uring: &mut IoUring,
+    wave_id: u64,
+    in_flight: usize,
+    live: &mut [Option<(RingOp, bool)>],
+) {
+    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+    let mut left = in_flight;
+    while left > 0 {
+        for cqe in uring.completion() {
+            let data = cqe.user_data();
+            let i = (data & 0xffff_ffff) as usize;
+            if data >> 32 == wave_id && live.get(i).is_some_and(|l| l.is_some()) {
+                live[i] = None;
+                left = left.saturating_sub(1);
+            }
+        }
+        if left == 0 {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            log::error!("io_uring: {left} op(s) still in flight on a retired ring");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
