@@ -879,7 +879,8 @@ int main(void) {
   S(dmabuf_fs_unregister)
   S(dmabuf_fs_io) O(dmabuf_fs_io, flags) O(dmabuf_fs_io, transferred)
   S(dmabuf_fs_info) O(dmabuf_fs_info, features) O(dmabuf_fs_info, backend_reason)
-  S(dmabuf_fs_stats) O(dmabuf_fs_stats, c) O(dmabuf_fs_stats, resv)
+  S(dmabuf_fs_stats) O(dmabuf_fs_stats, c) O(dmabuf_fs_stats, max_tokens_per_file) O(dmabuf_fs_stats, max_pinned_per_user) O(dmabuf_fs_stats, user_pinned) O(dmabuf_fs_stats, user_tokens) O(dmabuf_fs_stats, detached_ops)
+  printf("FEAT_LIMITS %llu\n", (unsigned long long)DMABUF_FS_FEAT_LIMITS);
   S(dmabuf_fs_batch_op) O(dmabuf_fs_batch_op, result)
   S(dmabuf_fs_batch) O(dmabuf_fs_batch, ops)
   printf("REGISTER %lu\nUNREGISTER %lu\nREAD %lu\nWRITE %lu\nINFO %lu\nSTATS %lu\nBATCH %lu\n",
@@ -898,13 +899,15 @@ int main(void) {
         "dmabuf_fs_register {}\ndmabuf_fs_register.size {}\ndmabuf_fs_register.token {}\ndmabuf_fs_register.resv {}\n\
 dmabuf_fs_unregister {}\ndmabuf_fs_io {}\ndmabuf_fs_io.flags {}\ndmabuf_fs_io.transferred {}\n\
 dmabuf_fs_info {}\ndmabuf_fs_info.features {}\ndmabuf_fs_info.backend_reason {}\n\
-dmabuf_fs_stats {}\ndmabuf_fs_stats.c {}\ndmabuf_fs_stats.resv {}\n\
+dmabuf_fs_stats {}\ndmabuf_fs_stats.c {}\ndmabuf_fs_stats.max_tokens_per_file {}\ndmabuf_fs_stats.max_pinned_per_user {}\n\
+dmabuf_fs_stats.user_pinned {}\ndmabuf_fs_stats.user_tokens {}\ndmabuf_fs_stats.detached_ops {}\nFEAT_LIMITS {}\n\
 dmabuf_fs_batch_op {}\ndmabuf_fs_batch_op.result {}\ndmabuf_fs_batch {}\ndmabuf_fs_batch.ops {}\n\
 REGISTER {}\nUNREGISTER {}\nREAD {}\nWRITE {}\nINFO {}\nSTATS {}\nBATCH {}\n",
         size_of::<Register>(), offset_of!(Register, size), offset_of!(Register, token), offset_of!(Register, resv),
         size_of::<Unregister>(), size_of::<Io>(), offset_of!(Io, flags), offset_of!(Io, transferred),
         size_of::<uapi::Info>(), offset_of!(uapi::Info, features), offset_of!(uapi::Info, backend_reason),
-        size_of::<Stats>(), offset_of!(Stats, c), offset_of!(Stats, resv),
+        size_of::<Stats>(), offset_of!(Stats, c), offset_of!(Stats, max_tokens_per_file), offset_of!(Stats, max_pinned_per_user),
+        offset_of!(Stats, user_pinned), offset_of!(Stats, user_tokens), offset_of!(Stats, detached_ops), uapi::FEAT_LIMITS,
         size_of::<BatchOp>(), offset_of!(BatchOp, result), size_of::<uapi::Batch>(), offset_of!(uapi::Batch, ops),
         uapi::IOC_REGISTER, uapi::IOC_UNREGISTER, uapi::IOC_READ_CMD, uapi::IOC_WRITE_CMD,
         uapi::IOC_INFO, uapi::IOC_STATS, uapi::IOC_BATCH,

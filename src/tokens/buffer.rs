@@ -1,5 +1,6 @@
-//! Caller buffers: taking the caller's fd, telling a dmabuf from a memfd,
-//! and mapping it into the daemon once, at REGISTER.
+//! Caller buffers: taking the caller's fd (and checking the caller is
+//! still the process that asked), telling a dmabuf from a memfd, and
+//! mapping it into the daemon once, at REGISTER.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
@@ -90,8 +91,29 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-/// Duplicates fd `fd` of thread `tid` into this process.
-pub fn take_fd(tid: u32, fd: i32) -> Result<OwnedFd, TokenError> {
+/// The file a REGISTER came through: the caller must still hold it when
+/// its fd is taken (see [`take_fd`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Holder {
+    /// The mount's device number (`major << 32 | minor`, as in
+    /// mountinfo); 0 when unknown, which skips the check.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// EMFILE/ENFILE are the daemon's own fd limit, not the caller's fault.
+fn fd_error(e: i32) -> Option<TokenError> {
+    matches!(e, libc::EMFILE | libc::ENFILE).then(|| {
+        warn!("the daemon is out of file descriptors");
+        TokenError::NoFds
+    })
+}
+
+/// Duplicates fd `fd` of thread `tid` into this process. Between the
+/// FUSE request and `pidfd_open` the caller may die and its tid be
+/// reused; so afterwards the task behind the pidfd must still hold the
+/// file the request came through (`holder`), or the fd is refused.
+pub fn take_fd(tid: u32, fd: i32, holder: &Holder) -> Result<OwnedFd, TokenError> {
     if tid == 0 {
         warn!("REGISTER from a process in a pid namespace the daemon cannot see");
         return Err(TokenError::Permission);
@@ -103,16 +125,100 @@ pub fn take_fd(tid: u32, fd: i32) -> Result<OwnedFd, TokenError> {
     // SAFETY: pidfd_getfd(pidfd, targetfd, flags) returns a new fd or -1.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
     if r < 0 {
-        return Err(match errno() {
+        let e = errno();
+        return Err(match e {
             libc::EBADF => TokenError::BadFile,
-            e => {
+            e => fd_error(e).unwrap_or_else(|| {
                 warn!("pidfd_getfd of fd {fd} of thread {tid}: errno {e}");
                 TokenError::Permission
-            }
+            }),
         });
     }
     // SAFETY: r is a fresh fd that we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    let taken = unsafe { OwnedFd::from_raw_fd(r as i32) };
+    if holder.dev != 0 {
+        // /proc/<tid> is the pidfd's task only if that task is still
+        // alive after the scan (a dead one's tid may name another).
+        let holds = holds_file(tid, holder.dev, holder.ino);
+        if !(holds && pidfd_alive(&pidfd)) {
+            warn!(
+                "REGISTER: thread {tid} no longer holds the file it asked through (exited, tid reused?); fd refused"
+            );
+            return Err(TokenError::Permission);
+        }
+    }
+    Ok(taken)
+}
+
+/// Whether the process behind `pidfd` still runs (signal 0).
+fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal(pidfd, 0, NULL, 0) only checks.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    r == 0
+}
+
+/// Major and minor of a `major:minor` mountinfo field, as one number.
+fn parse_dev(s: &str) -> Option<u64> {
+    let (ma, mi) = s.split_once(':')?;
+    Some((ma.parse::<u64>().ok()? << 32) | mi.parse::<u64>().ok()?)
+}
+
+/// The device number of the mount at `mountpoint` (the newest one there)
+/// from /proc/self/mountinfo, so nothing has to stat the mount point
+/// (which, from inside the daemon, would wait for the daemon).
+pub fn mount_dev_of(mountpoint: &std::path::Path) -> Option<u64> {
+    let mp = mountpoint.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Fields: id parent major:minor root mountpoint options ...
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 4 && std::path::Path::new(&f[4].replace("\\040", " ")) == mp)
+            .then(|| parse_dev(f[2]))
+            .flatten()
+    })
+}
+
+/// Whether task `tid` has an fd open on inode `ino` of a mount with
+/// device number `dev` (through any of its mounts: the caller may sit in
+/// another mount namespace, where the same filesystem has other ids).
+pub fn holds_file(tid: u32, dev: u64, ino: u64) -> bool {
+    let Ok(info) = std::fs::read_to_string(format!("/proc/{tid}/mountinfo")) else {
+        return false;
+    };
+    let mount_ids: Vec<&str> = info
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let id = f.next()?;
+            let _parent = f.next()?;
+            (parse_dev(f.next()?) == Some(dev)).then_some(id)
+        })
+        .collect();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{tid}/fdinfo")) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            return false;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+        };
+        let on_mount = field("mnt_id:").is_some_and(|m| mount_ids.contains(&m));
+        // Older kernels do not show the inode; the mount alone then.
+        let same_inode = field("ino:").is_none_or(|i| i.parse() == Ok(ino));
+        on_mount && same_inode
+    })
 }
 
 /// A pidfd for the caller: the thread itself (PIDFD_THREAD, 6.9+), or its
@@ -124,8 +230,12 @@ fn open_pidfd(tid: u32) -> Result<OwnedFd, TokenError> {
         // SAFETY: r is a fresh fd that we own.
         (r >= 0).then(|| unsafe { OwnedFd::from_raw_fd(r as i32) })
     };
+    let out_of_fds = || fd_error(errno());
     if let Some(fd) = open(tid, PIDFD_THREAD) {
         return Ok(fd);
+    }
+    if let Some(e) = out_of_fds() {
+        return Err(e);
     }
     let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
         .ok()
@@ -135,7 +245,7 @@ fn open_pidfd(tid: u32) -> Result<OwnedFd, TokenError> {
                 .and_then(|v| v.trim().parse::<u32>().ok())
         })
         .ok_or(TokenError::Permission)?;
-    open(tgid, 0).ok_or(TokenError::Permission)
+    open(tgid, 0).ok_or_else(|| out_of_fds().unwrap_or(TokenError::Permission))
 }
 
 /// Size in bytes of a buffer fd.
@@ -224,4 +334,40 @@ fn classify(fd: &OwnedFd) -> Result<BufKind, TokenError> {
         ));
     }
     Ok(BufKind::Memfd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// The device number of the mount holding `f`, as mountinfo shows it.
+    fn mount_dev(f: &std::fs::File) -> u64 {
+        let md = f.metadata().unwrap();
+        let dev = md.dev();
+        // SAFETY: major/minor only decode the number.
+        let (ma, mi) = unsafe { (libc::major(dev), libc::minor(dev)) };
+        ((ma as u64) << 32) | mi as u64
+    }
+
+    #[test]
+    fn holder_check_sees_who_holds_the_file() {
+        let f = tempfile::tempfile().unwrap();
+        let dev = mount_dev(&f);
+        let ino = f.metadata().unwrap().ino();
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        assert!(holds_file(tid, dev, ino), "this thread holds the file");
+        assert!(!holds_file(tid, dev, ino + 1_000_000), "another inode");
+        // A child that closes every fd above stderr holds nothing of ours.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let held = holds_file(child.id(), dev, ino);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!held, "a process without the file");
+        assert!(!holds_file(u32::MAX - 1, dev, ino), "no such task");
+    }
 }
