@@ -773,6 +773,69 @@ fn batch_runs_each_op_with_its_own_result() {
     );
 }
 
+/// Threads of process `pid` other than io_uring's own workers.
+fn daemon_threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| !c.starts_with("iou-"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn batch_starts_no_threads() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let img = Image::new("128M");
+    let m = img.mount();
+    let data = pseudo_random(9, 8 << 20);
+    write_file(&m.join("f"), &data);
+    let pid = *m.daemons().first().expect("daemon pid");
+    let f = TokenFile::open(&m.join("f"), false).unwrap();
+    let buf = sealed_memfd("t", 8 << 20).unwrap();
+    let t = f.register(&buf, 0, 0).unwrap();
+    let before = daemon_threads(pid);
+    let (stop, most) = (AtomicBool::new(false), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(daemon_threads(pid), Ordering::Relaxed);
+            }
+        });
+        for round in 0..10u64 {
+            let mut ops: Vec<BatchOp> = (0..uapi::MAX_BATCH as u64)
+                .map(|i| BatchOp {
+                    token: t.id(),
+                    file_offset: (i * 37 + round * 11) % 128 * 65536,
+                    buf_offset: i * 65536,
+                    len: 65536,
+                    op: uapi::OP_READ,
+                    ..Default::default()
+                })
+                .collect();
+            f.batch(&mut ops).unwrap();
+            for op in &ops {
+                assert_eq!(op.result, 65536);
+            }
+            let op = &ops[round as usize];
+            let mut got = vec![0u8; 65536];
+            buf.read_exact_at(&mut got, op.buf_offset).unwrap();
+            let at = op.file_offset as usize;
+            assert_eq!(got, &data[at..at + 65536], "round {round}");
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let most = most.load(Ordering::Relaxed);
+    assert!(
+        most <= before,
+        "BATCH started threads: {before} before, up to {most} during"
+    );
+}
+
 #[test]
 fn info_reports_the_backend() {
     let img = Image::new("64M");

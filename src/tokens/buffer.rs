@@ -139,7 +139,13 @@ pub fn take_fd(tid: u32, fd: i32, holder: &Holder) -> Result<OwnedFd, TokenError
     if holder.dev != 0 {
         // /proc/<tid> is the pidfd's task only if that task is still
         // alive after the scan (a dead one's tid may name another).
-        let holds = holds_file(tid, holder.dev, holder.ino);
+        let holds = holds_file(tid, holder.dev, holder.ino).map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(0);
+            fd_error(errno).unwrap_or_else(|| {
+                warn!("REGISTER: cannot read /proc/{tid}: {e}");
+                TokenError::Permission
+            })
+        })?;
         if !(holds && pidfd_alive(&pidfd)) {
             warn!(
                 "REGISTER: thread {tid} no longer holds the file it asked through (exited, tid reused?); fd refused"
@@ -189,9 +195,19 @@ pub fn mount_dev_of(mountpoint: &std::path::Path) -> Option<u64> {
 /// Whether task `tid` has an fd open on inode `ino` of a mount with
 /// device number `dev` (through any of its mounts: the caller may sit in
 /// another mount namespace, where the same filesystem has other ids).
-pub fn holds_file(tid: u32, dev: u64, ino: u64) -> bool {
-    let Ok(info) = std::fs::read_to_string(format!("/proc/{tid}/mountinfo")) else {
-        return false;
+/// A task that is gone holds nothing; an error is the daemon's own (out
+/// of fds).
+pub fn holds_file(tid: u32, dev: u64, ino: u64) -> std::io::Result<bool> {
+    let gone = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOENT | libc::ESRCH | libc::EACCES)
+        )
+    };
+    let info = match std::fs::read_to_string(format!("/proc/{tid}/mountinfo")) {
+        Ok(i) => i,
+        Err(e) if gone(&e) => return Ok(false),
+        Err(e) => return Err(e),
     };
     let mount_ids: Vec<&str> = info
         .lines()
@@ -202,12 +218,17 @@ pub fn holds_file(tid: u32, dev: u64, ino: u64) -> bool {
             (parse_dev(f.next()?) == Some(dev)).then_some(id)
         })
         .collect();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{tid}/fdinfo")) else {
-        return false;
+    let dir = match std::fs::read_dir(format!("/proc/{tid}/fdinfo")) {
+        Ok(d) => d,
+        Err(e) if gone(&e) => return Ok(false),
+        Err(e) => return Err(e),
     };
-    dir.flatten().any(|e| {
-        let Ok(text) = std::fs::read_to_string(e.path()) else {
-            return false;
+    for entry in dir {
+        let text = match entry.and_then(|e| std::fs::read_to_string(e.path())) {
+            Ok(t) => t,
+            // That fd was closed meanwhile.
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
         };
         let field = |name: &str| {
             text.lines()
@@ -217,8 +238,11 @@ pub fn holds_file(tid: u32, dev: u64, ino: u64) -> bool {
         let on_mount = field("mnt_id:").is_some_and(|m| mount_ids.contains(&m));
         // Older kernels do not show the inode; the mount alone then.
         let same_inode = field("ino:").is_none_or(|i| i.parse() == Ok(ino));
-        on_mount && same_inode
-    })
+        if on_mount && same_inode {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A pidfd for the caller: the thread itself (PIDFD_THREAD, 6.9+), or its
@@ -345,8 +369,7 @@ mod tests {
     fn mount_dev(f: &std::fs::File) -> u64 {
         let md = f.metadata().unwrap();
         let dev = md.dev();
-        // SAFETY: major/minor only decode the number.
-        let (ma, mi) = unsafe { (libc::major(dev), libc::minor(dev)) };
+        let (ma, mi) = (libc::major(dev), libc::minor(dev));
         ((ma as u64) << 32) | mi as u64
     }
 
@@ -357,17 +380,23 @@ mod tests {
         let ino = f.metadata().unwrap().ino();
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() } as u32;
-        assert!(holds_file(tid, dev, ino), "this thread holds the file");
-        assert!(!holds_file(tid, dev, ino + 1_000_000), "another inode");
+        assert!(
+            holds_file(tid, dev, ino).unwrap(),
+            "this thread holds the file"
+        );
+        assert!(
+            !holds_file(tid, dev, ino + 1_000_000).unwrap(),
+            "another inode"
+        );
         // A child that closes every fd above stderr holds nothing of ours.
         let mut child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
             .unwrap();
-        let held = holds_file(child.id(), dev, ino);
+        let held = holds_file(child.id(), dev, ino).unwrap();
         let _ = child.kill();
         let _ = child.wait();
         assert!(!held, "a process without the file");
-        assert!(!holds_file(u32::MAX - 1, dev, ino), "no such task");
+        assert!(!holds_file(u32::MAX - 1, dev, ino).unwrap(), "no such task");
     }
 }

@@ -521,8 +521,7 @@ impl Registry {
                 })
             })
             .collect();
-        let mut results: Vec<Option<Result<(u64, Option<LastByte>), TokenError>>> =
-            (0..count_ops).map(|_| None).collect();
+        let mut results: Vec<Option<OpResult>> = (0..count_ops).map(|_| None).collect();
         self.batch_reads(fs, &plans, &mut results);
         for (i, plan) in plans.iter().enumerate() {
             let r = match plan {
@@ -577,7 +576,7 @@ impl Registry {
         &self,
         fs: &Fs,
         plans: &[Result<Planned, TokenError>],
-        results: &mut [Option<Result<(u64, Option<LastByte>), TokenError>>],
+        results: &mut [Option<OpResult>],
     ) {
         let reads: Vec<(usize, &Planned)> = plans
             .iter()
@@ -701,6 +700,10 @@ impl Registry {
     }
 }
 
+/// What one op did: bytes moved, and the file's last byte after a WRITE
+/// that ended at EOF.
+type OpResult = Result<(u64, Option<LastByte>), TokenError>;
+
 /// A BATCH op resolved to its token, ready to go down.
 struct Planned {
     token: Arc<Token>,
@@ -790,7 +793,7 @@ fn transfer(
     req: &IoRequest,
     tally: &Tally,
     fixed: Option<&FixedBuffer>,
-) -> Result<(u64, Option<LastByte>), TokenError> {
+) -> OpResult {
     let io_buf = io_buffer(token, req, tally, fixed);
     let buf = &token.buffer;
     buf.sync(!req.write, false);
