@@ -56,6 +56,9 @@ pub struct IoBuffer<'a> {
     /// Ordinary pages O_DIRECT can target; false for dmabuf mappings
     /// (VM_PFNMAP), which backends must bounce.
     dma_safe: bool,
+    /// Whether the CPU can reach the memory at all (false: a buffer known
+    /// only by its registration, see [`IoBuffer::fixed_only`]).
+    cpu: bool,
     /// The same memory registered with the device's rings, and the
     /// kernel address of byte 0 (user address or offset in the dmabuf).
     fixed: Option<(&'a FixedBuffer, u64)>,
@@ -92,6 +95,7 @@ impl<'a> IoBuffer<'a> {
             len: buf.len(),
             writable: true,
             dma_safe: true,
+            cpu: true,
             fixed: None,
             tally: None,
             _borrow: PhantomData,
@@ -105,6 +109,7 @@ impl<'a> IoBuffer<'a> {
             len: buf.len(),
             writable: false,
             dma_safe: true,
+            cpu: true,
             fixed: None,
             tally: None,
             _borrow: PhantomData,
@@ -120,7 +125,25 @@ impl<'a> IoBuffer<'a> {
             len,
             writable,
             dma_safe,
+            cpu: true,
             fixed: None,
+            tally: None,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A buffer known only by its registration `fixed` (byte 0 at kernel
+    /// address `addr`), with no CPU mapping: a GPU dmabuf the CPU cannot
+    /// map. Transfers that need the CPU (bounces, zeroing) fail with
+    /// [`DeviceError::NoCpuAccess`].
+    pub fn fixed_only(fixed: &'a FixedBuffer, addr: u64, len: usize, writable: bool) -> Self {
+        Self {
+            ptr: NonNull::dangling(),
+            len,
+            writable,
+            dma_safe: false,
+            cpu: false,
+            fixed: Some((fixed, addr)),
             tally: None,
             _borrow: PhantomData,
         }
@@ -165,6 +188,7 @@ impl<'a> IoBuffer<'a> {
             len,
             writable: self.writable,
             dma_safe: self.dma_safe,
+            cpu: self.cpu,
             fixed: self.fixed.map(|(f, addr)| (f, addr + offset as u64)),
             tally: self.tally,
             _borrow: PhantomData,
@@ -210,6 +234,9 @@ impl<'a> IoBuffer<'a> {
     fn range_ptr(&self, dir: Direction, r: &IoRange) -> Result<*mut u8, DeviceError> {
         if dir == Direction::Read && !self.writable {
             return Err(DeviceError::ReadOnlyBuffer);
+        }
+        if !self.cpu {
+            return Err(DeviceError::NoCpuAccess);
         }
         let end = r.buf_offset.checked_add(r.len);
         if end.is_none_or(|e| e > self.len) {
