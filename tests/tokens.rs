@@ -1295,3 +1295,94 @@ fn kernel_rejects_a_dmabuf_on_another_open_of_the_device() {
     let filled = memfd_bytes(&mem, 65536) == data[..65536];
     println!("O_DIRECT cleared after registration: READ_FIXED returned {r}, data filled: {filled}");
 }
+
+/// A mount whose daemon treats every dmabuf as one the CPU cannot map
+/// (`DMABUF_FS_TEST_UNMAPPABLE_DMABUFS=1`, the stand-in for GPU VRAM);
+/// unmounted on drop.
+struct UnmappableMount {
+    dir: tempfile::TempDir,
+}
+
+impl UnmappableMount {
+    fn new(image: &Path, opts: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(common::bin())
+            .env("DMABUF_FS_TEST_UNMAPPABLE_DMABUFS", "1")
+            .arg("mount")
+            .arg(image)
+            .arg(dir.path())
+            .args(["-o", opts])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::output_text(&out));
+        Self { dir }
+    }
+
+    fn join(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for UnmappableMount {
+    fn drop(&mut self) {
+        let _ = common::run_unchecked("umount", &[self.dir.path()]);
+    }
+}
+
+#[test]
+fn unmappable_dmabufs_need_the_kernel_backend_and_aligned_ranges() {
+    let Some((mem, dmabuf)) = udmabuf(64 << 10) else {
+        println!("SKIP: /dev/udmabuf is absent on this machine (no dmabuf exporter); the VM test runs this");
+        return;
+    };
+    let img = Image::new("64M");
+    let data = pseudo_random(31, 64 << 10);
+    {
+        // The mapped backend moves everything through the daemon's
+        // mapping: a dmabuf it cannot map is refused at REGISTER.
+        let m = UnmappableMount::new(img.path(), "tokens=mapped");
+        write_file(&m.join("f"), &data);
+        let f = TokenFile::open(&m.join("f"), true).unwrap();
+        assert_errno(
+            f.register(&dmabuf, 0, 0).map(|t| t.leak()),
+            libc::EOPNOTSUPP,
+            "unmappable dmabuf under tokens=mapped",
+        );
+        // A memfd is unaffected by the switch.
+        let plain = sealed_memfd("plain", 8192).unwrap();
+        f.register(&plain, 0, 0).unwrap();
+    }
+    let backend = common::forced_token_backend().unwrap_or_else(|| "auto".into());
+    let m = UnmappableMount::new(img.path(), &format!("tokens={backend}"));
+    let f = TokenFile::open(&m.join("f"), true).unwrap();
+    let info = f.info().unwrap();
+    if info.backend != uapi::BACKEND_KERNEL || info.features & uapi::FEAT_DMABUF == 0 {
+        println!(
+            "SKIP: the kernel backend with dmabufs is not available here ({}); the VM test on a patched kernel runs the rest",
+            info.reason()
+        );
+        return;
+    }
+    // The kernel backend registers it without a CPU mapping.
+    let t = f.register(&dmabuf, 0, 0).unwrap();
+    assert_eq!(t.stats().unwrap().path, uapi::PATH_KERNEL);
+    // Aligned READ: the bytes land in the buffer (compared, not assumed).
+    assert_eq!(t.read(8192, 4096, 16384).unwrap(), 16384);
+    assert_eq!(
+        memfd_bytes(&mem, 64 << 10)[4096..4096 + 16384],
+        data[8192..8192 + 16384]
+    );
+    // Aligned WRITE: the file gets the buffer's bytes.
+    let fresh = pseudo_random(32, 8192);
+    mem.write_all_at(&fresh, 32768).unwrap();
+    assert_eq!(t.write(40960, 32768, 8192).unwrap(), 8192);
+    let mut back = vec![0u8; 8192];
+    File::open(m.join("f"))
+        .unwrap()
+        .read_exact_at(&mut back, 40960)
+        .unwrap();
+    assert_eq!(back, fresh);
+    // Unaligned ranges need a CPU bounce: EINVAL, as the series answers.
+    assert_errno(t.read(100, 0, 4096), libc::EINVAL, "unaligned READ");
+    assert_errno(t.write(0, 0, 1000), libc::EINVAL, "unaligned WRITE");
+}

@@ -314,8 +314,9 @@ impl FuseFs {
         if a.size != end {
             return Ok(());
         }
-        if (a.mtime, a.ctime) == (last.mtime, last.ctime) {
-            n.store(INodeNo(w.ino), end - 1, &[last.byte])?;
+        let unchanged = (a.mtime, a.ctime) == (last.mtime, last.ctime);
+        if let (true, Some(byte)) = (unchanged, last.byte) {
+            n.store(INodeNo(w.ino), end - 1, &[byte])?;
         } else if let Ok(byte) = fs.read(w.ino, end - 1, 1) {
             if byte.len() == 1 {
                 n.store(INodeNo(w.ino), end - 1, &byte)?;

@@ -1,9 +1,12 @@
 //! Caller buffers: taking the caller's fd (and checking the caller is
 //! still the process that asked), telling a dmabuf from a memfd, and
-//! mapping it into the daemon once, at REGISTER.
+//! mapping it into the daemon: a memfd at REGISTER, a dmabuf only once
+//! something needs the CPU on it (the kernel backend moves it without;
+//! GPU memory often cannot be mapped at all).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 
 use log::warn;
 
@@ -25,39 +28,78 @@ pub enum BufKind {
     Dmabuf,
 }
 
-/// A caller's buffer mapped into the daemon; unmapped and closed on drop
-/// (after the last in-flight I/O lets go of it).
+/// Test-only switch: the daemon treats every dmabuf as one the CPU cannot
+/// map (as most GPU VRAM exports), to test that path without a GPU.
+const UNMAPPABLE_ENV: &str = "DMABUF_FS_TEST_UNMAPPABLE_DMABUFS";
+
+/// A caller's buffer: its fd, and the daemon's mapping of it once made;
+/// unmapped and closed on drop (after the last in-flight I/O lets go).
 pub struct MappedBuffer {
     fd: OwnedFd,
-    ptr: NonNull<u8>,
     len: usize,
     pub kind: BufKind,
+    /// Whether data may be read into it (a write-sealed memfd may not).
     pub writable: bool,
+    /// Made on first need; None inside when the buffer cannot be mapped.
+    mapping: OnceLock<Option<Mapping>>,
+}
+
+/// A shared mapping of a whole buffer.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
 }
 
 // SAFETY: the mapping is shared memory owned by this struct for its whole
 // life; concurrent I/O touches it only through bounds-checked IoBuffers.
-unsafe impl Send for MappedBuffer {}
+unsafe impl Send for Mapping {}
 // SAFETY: as above.
-unsafe impl Sync for MappedBuffer {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len is a mapping made by map_fd(); nothing refers
+        // to it once its buffer is dropped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
 
 impl MappedBuffer {
     pub(super) fn len(&self) -> usize {
         self.len
     }
 
-    pub(super) fn ptr(&self) -> NonNull<u8> {
-        self.ptr
-    }
-
     pub(super) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 
-    /// Brackets CPU access to a dmabuf (a no-op for memfds). `device_read`
-    /// means data flows from the device into the buffer.
+    /// The address of the daemon's mapping, mapping it now if it is not
+    /// yet; None when the buffer cannot be mapped.
+    pub(super) fn ptr(&self) -> Option<NonNull<u8>> {
+        self.mapping
+            .get_or_init(|| {
+                let unmappable = self.kind == BufKind::Dmabuf
+                    && std::env::var_os(UNMAPPABLE_ENV).is_some_and(|v| v == "1");
+                if unmappable {
+                    warn!("{UNMAPPABLE_ENV}=1: dmabuf not mapped");
+                    return None;
+                }
+                map_fd(&self.fd, self.len, self.writable).map(|ptr| Mapping { ptr, len: self.len })
+            })
+            .as_ref()
+            .map(|m| m.ptr)
+    }
+
+    /// Whether the daemon has mapped it (so CPU access needs no mmap).
+    pub(super) fn is_mapped(&self) -> bool {
+        self.mapping.get().is_some_and(|m| m.is_some())
+    }
+
+    /// Brackets CPU access to a mapped dmabuf (a no-op for memfds and
+    /// for dmabufs the CPU never touched). `device_read` means data flows
+    /// from the device into the buffer.
     pub fn sync(&self, device_read: bool, end: bool) {
-        if self.kind != BufKind::Dmabuf {
+        if self.kind != BufKind::Dmabuf || !self.is_mapped() {
             return;
         }
         let mut flags = if device_read {
@@ -79,12 +121,29 @@ impl MappedBuffer {
     }
 }
 
-impl Drop for MappedBuffer {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len is the mapping made in map(); nothing else
-        // refers to it once the last Arc is gone.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+/// Maps all `len` bytes of `fd` shared, read-write or read-only.
+fn map_fd(fd: &OwnedFd, len: usize, writable: bool) -> Option<NonNull<u8>> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: mapping a whole fd we own; the result is checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        warn!("cannot map buffer: {}", std::io::Error::last_os_error());
+        return None;
     }
+    NonNull::new(p.cast())
 }
 
 fn errno() -> i32 {
@@ -282,8 +341,9 @@ fn buffer_size(fd: &OwnedFd) -> Result<u64, TokenError> {
     Ok(end as u64)
 }
 
-/// Identifies the buffer and maps all of it.
-pub fn map(fd: OwnedFd) -> Result<MappedBuffer, TokenError> {
+/// Identifies the buffer; a memfd is mapped now (its READ/WRITE access
+/// is found that way), a dmabuf only when first needed.
+pub fn open(fd: OwnedFd) -> Result<MappedBuffer, TokenError> {
     let kind = classify(&fd)?;
     let size = buffer_size(&fd)?;
     if size == 0 || size % 4096 != 0 {
@@ -292,43 +352,29 @@ pub fn map(fd: OwnedFd) -> Result<MappedBuffer, TokenError> {
         ));
     }
     let len = usize::try_from(size).map_err(|_| TokenError::Invalid("buffer too large"))?;
-    let try_map = |prot| {
-        // SAFETY: mapping a whole fd we own; the result is checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        (p != libc::MAP_FAILED).then_some(p)
-    };
-    let (p, writable) = match try_map(libc::PROT_READ | libc::PROT_WRITE) {
-        Some(p) => (p, true),
-        // A write-sealed memfd maps read-only: WRITE works, READ does not.
-        None => match try_map(libc::PROT_READ) {
-            Some(p) => (p, false),
-            None => {
-                warn!(
-                    "cannot map {kind:?} buffer: {}",
-                    std::io::Error::last_os_error()
-                );
-                return Err(match kind {
-                    BufKind::Dmabuf => TokenError::NotSupported,
-                    BufKind::Memfd => TokenError::Invalid("buffer cannot be mapped"),
-                });
-            }
-        },
+    let (writable, mapping) = match kind {
+        BufKind::Memfd => {
+            // A write-sealed memfd maps read-only: WRITE works, READ does not.
+            let (ptr, writable) = match map_fd(&fd, len, true) {
+                Some(p) => (Some(p), true),
+                None => (map_fd(&fd, len, false), false),
+            };
+            let ptr = ptr.ok_or(TokenError::Invalid("buffer cannot be mapped"))?;
+            (writable, OnceLock::from(Some(Mapping { ptr, len })))
+        }
+        BufKind::Dmabuf => {
+            // SAFETY: F_GETFL on an fd we own.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+            let writable = flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
+            (writable, OnceLock::new())
+        }
     };
     Ok(MappedBuffer {
         fd,
-        ptr: NonNull::new(p.cast()).expect("mmap returned null"),
         len,
         kind,
         writable,
+        mapping,
     })
 }
 

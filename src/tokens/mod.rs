@@ -92,6 +92,10 @@ impl TokenError {
     fn is_detached(&self) -> bool {
         matches!(self, TokenError::Fs(FsError::Io(DeviceError::Detached)))
     }
+
+    fn needs_cpu(&self) -> bool {
+        matches!(self, TokenError::Fs(FsError::Io(DeviceError::NoCpuAccess)))
+    }
 }
 
 /// `Counters` as atomics, so an op counts without a lock.
@@ -172,7 +176,8 @@ pub struct Moved {
 /// they are unchanged, no other write has touched the file since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LastByte {
-    pub byte: u8,
+    /// None when the buffer has no CPU mapping to copy it from.
+    pub byte: Option<u8>,
     pub mtime: Timespec,
     pub ctime: Timespec,
 }
@@ -303,7 +308,7 @@ impl Registry {
             ino: of.ino,
         };
         let fd = buffer::take_fd(tid, req.buf_fd, &holder)?;
-        let buf = buffer::map(fd)?;
+        let buf = buffer::open(fd)?;
         let total = buf.len() as u64;
         let len = if req.size == 0 {
             total.saturating_sub(req.buf_offset)
@@ -319,6 +324,12 @@ impl Registry {
             debug!("REGISTER by uid {uid}: at the limit of {e}");
             TokenError::Quota(e)
         })?;
+        // The mapped backend moves every buffer through the daemon's
+        // mapping; the kernel backend maps a dmabuf only when the CPU
+        // must touch it.
+        if !self.backend.is_kernel() && buf.ptr().is_none() {
+            return Err(TokenError::NotSupported);
+        }
         let fixed = self.register_fixed(fs, &buf, req.buf_offset as usize, len as usize)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let file = self.file_stats(of.ino);
@@ -375,13 +386,20 @@ impl Registry {
                 }
                 Err(e) => {
                     info!("dmabuf not registered with the device ({e}); bounce path");
+                    if buf.ptr().is_none() {
+                        // Neither the kernel nor the CPU can reach it.
+                        return Err(TokenError::NotSupported);
+                    }
                     Ok(None)
                 }
             },
             BufKind::Memfd => {
+                let Some(base) = buf.ptr() else {
+                    return Err(TokenError::Invalid("buffer cannot be mapped"));
+                };
                 // SAFETY: window_off + window_len <= the mapping's length
                 // (checked by the caller).
-                let addr = unsafe { buf.ptr().as_ptr().add(window_off) };
+                let addr = unsafe { base.as_ptr().add(window_off) };
                 match fs.device().register_fixed(FixedSource::User {
                     addr,
                     len: window_len,
@@ -586,29 +604,41 @@ impl Registry {
         if reads.is_empty() {
             return;
         }
-        let bufs: Vec<IoBuffer<'_>> = reads
-            .iter()
-            .map(|(_, p)| io_buffer(&p.token, &p.req, &p.tally, p.fixed.as_deref()))
-            .collect();
-        let many: Vec<(u64, u64, &IoBuffer<'_>)> = reads
+        let mut bufs: Vec<IoBuffer<'_>> = Vec::with_capacity(reads.len());
+        let mut queued: Vec<(usize, &Planned, bool)> = Vec::with_capacity(reads.len());
+        for &(i, p) in &reads {
+            let cpu = wants_cpu(&p.token, &p.req, p.fixed.as_deref());
+            match io_buffer(&p.token, &p.req, &p.tally, p.fixed.as_deref(), cpu) {
+                Ok(b) => {
+                    bufs.push(b);
+                    queued.push((i, p, cpu));
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let many: Vec<(u64, u64, &IoBuffer<'_>)> = queued
             .iter()
             .zip(&bufs)
-            .map(|((_, p), b)| (p.token.ino, p.req.file_offset, b))
+            .map(|((_, p, _), b)| (p.token.ino, p.req.file_offset, b))
             .collect();
-        for (_, p) in &reads {
+        for (_, p, _) in &queued {
             p.token.buffer.sync(true, false);
         }
         let done = fs.read_many(&many);
-        for (_, p) in &reads {
+        for (_, p, _) in &queued {
             p.token.buffer.sync(true, true);
         }
         drop(many);
         drop(bufs);
-        for ((i, p), r) in reads.into_iter().zip(done) {
+        for ((i, p, cpu), r) in queued.into_iter().zip(done) {
+            let fixed = p.fixed.as_deref();
             let r = match r.map_err(TokenError::from) {
-                Err(e) if p.fixed.is_some() && e.is_detached() => {
+                Err(e) if fixed.is_some() && e.is_detached() => {
                     self.detach(&p.token);
                     transfer(fs, &p.token, &p.req, &p.tally, None)
+                }
+                Err(e) if !cpu && e.needs_cpu() => {
+                    transfer_with(fs, &p.token, &p.req, &p.tally, fixed, true)
                 }
                 r => r.map(|n| (n as u64, None)),
             };
@@ -750,43 +780,58 @@ fn check(of: &OpenFile, token: &Token, req: &IoRequest) -> Result<(), TokenError
     Ok(())
 }
 
+/// Whether an op goes through the daemon's mapping of the buffer: always,
+/// except a dmabuf registered with the device that the CPU has not
+/// needed yet and an aligned range (the kernel moves all of it).
+fn wants_cpu(token: &Token, req: &IoRequest, fixed: Option<&FixedBuffer>) -> bool {
+    fixed.is_none_or(|f| f.kind() != FixedKind::Dmabuf)
+        || token.buffer.is_mapped()
+        || req.unaligned()
+}
+
 /// The part of the token's buffer an op moves, as the device layer sees
-/// it (with the fixed registration, when the token has one).
+/// it (with the fixed registration, when the token has one). `cpu`: with
+/// the daemon's mapping (made now if need be: EINVAL when the buffer
+/// cannot be mapped), else by the registration alone.
 fn io_buffer<'a>(
     token: &'a Token,
     req: &IoRequest,
     tally: &'a Tally,
     fixed: Option<&'a FixedBuffer>,
-) -> IoBuffer<'a> {
+    cpu: bool,
+) -> Result<IoBuffer<'a>, TokenError> {
     let buf = &token.buffer;
     let at = token.window_off + req.buf_offset as usize;
+    let len = req.len as usize;
+    if let (false, Some(f)) = (cpu, fixed) {
+        // A dmabuf is addressed by the offset inside it.
+        return Ok(IoBuffer::fixed_only(f, at as u64, len, buf.writable).with_tally(tally));
+    }
+    let base = buf.ptr().ok_or(TokenError::Invalid(
+        "the range needs CPU access (unaligned, a hole, EOF) to a buffer that cannot be mapped",
+    ))?;
     // SAFETY: window_off + buf_offset + len <= buffer length (checked at
     // REGISTER and by check()); the mapping lives as long as `token`.
-    let io_buf = unsafe {
-        IoBuffer::from_raw(
-            buf.ptr().add(at),
-            req.len as usize,
-            buf.writable,
-            buf.kind == BufKind::Memfd,
-        )
-    }
-    .with_tally(tally);
-    match fixed {
+    let io_buf =
+        unsafe { IoBuffer::from_raw(base.add(at), len, buf.writable, buf.kind == BufKind::Memfd) }
+            .with_tally(tally);
+    Ok(match fixed {
         Some(fixed) => {
             // The kernel addresses a user buffer by its address, a dmabuf
             // by the offset inside it.
             let addr = match fixed.kind() {
-                FixedKind::User => buf.ptr().as_ptr() as u64 + at as u64,
+                FixedKind::User => base.as_ptr() as u64 + at as u64,
                 FixedKind::Dmabuf => at as u64,
             };
             io_buf.with_fixed(fixed, addr)
         }
         None => io_buf,
-    }
+    })
 }
 
 /// Moves one op's bytes; a WRITE that ended at EOF also returns the
-/// file's last byte, copied from the buffer.
+/// file's last byte, copied from the buffer. An op tried without the CPU
+/// that turns out to need it (a hole to zero) goes again with it.
 fn transfer(
     fs: &Fs,
     token: &Token,
@@ -794,7 +839,22 @@ fn transfer(
     tally: &Tally,
     fixed: Option<&FixedBuffer>,
 ) -> OpResult {
-    let io_buf = io_buffer(token, req, tally, fixed);
+    let cpu = wants_cpu(token, req, fixed);
+    match transfer_with(fs, token, req, tally, fixed, cpu) {
+        Err(e) if !cpu && e.needs_cpu() => transfer_with(fs, token, req, tally, fixed, true),
+        r => r,
+    }
+}
+
+fn transfer_with(
+    fs: &Fs,
+    token: &Token,
+    req: &IoRequest,
+    tally: &Tally,
+    fixed: Option<&FixedBuffer>,
+    cpu: bool,
+) -> OpResult {
+    let io_buf = io_buffer(token, req, tally, fixed, cpu)?;
     let buf = &token.buffer;
     buf.sync(!req.write, false);
     let r = if req.write {
@@ -805,13 +865,14 @@ fn transfer(
                 .ok()
                 .filter(|a| n > 0 && a.size == end);
             let mut last = [0u8];
-            let last_byte = attr
-                .filter(|_| io_buf.copy_out(n as usize - 1, &mut last).is_ok())
-                .map(|a| LastByte {
-                    byte: last[0],
-                    mtime: a.mtime,
-                    ctime: a.ctime,
-                });
+            let last_byte = attr.map(|a| LastByte {
+                byte: io_buf
+                    .copy_out(n as usize - 1, &mut last)
+                    .ok()
+                    .map(|()| last[0]),
+                mtime: a.mtime,
+                ctime: a.ctime,
+            });
             (n, last_byte)
         })
     } else {
