@@ -924,3 +924,125 @@ fn write_chunked(fs: &Fs, ino: u64, offset: u64, buf: &IoBuffer<'_>) -> Result<u
     }
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::blockdev::file::temp_image;
+    use crate::blockdev::{BlockDevice, Direction, FileDevice, IoRange, OpenMode};
+    use crate::fs::{format, Caller, MountOptions, ROOT_INO};
+
+    /// A device whose next transfer fails as the series (v6+) fails fixed
+    /// I/O on a buffer it detached after an NVMe reset.
+    struct Detaching {
+        inner: FileDevice,
+        armed: AtomicBool,
+    }
+
+    impl BlockDevice for Detaching {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn submit(
+            &self,
+            dir: Direction,
+            buf: &IoBuffer<'_>,
+            ranges: &[IoRange],
+        ) -> Result<(), DeviceError> {
+            if self.armed.swap(false, Ordering::SeqCst) {
+                return Err(DeviceError::Detached);
+            }
+            self.inner.submit(dir, buf, ranges)
+        }
+        fn flush(&self) -> Result<(), DeviceError> {
+            self.inner.flush()
+        }
+        fn describe(&self) -> String {
+            "detaching test device".into()
+        }
+        fn register_fixed(&self, src: FixedSource<'_>) -> Result<FixedBuffer, DeviceError> {
+            self.inner.register_fixed(src)
+        }
+    }
+
+    #[test]
+    fn a_detached_registration_bounces_once_and_is_counted() {
+        let (_dir, path) = temp_image(64 << 20);
+        let mut inner = FileDevice::open(&path, OpenMode::default()).unwrap();
+        if let Err(e) = inner.enable_fixed_buffers() {
+            println!("SKIP: no io_uring fixed buffers here: {e}");
+            return;
+        }
+        let root = Caller { uid: 0, gid: 0 };
+        format(&inner, root).unwrap();
+        let dev = Arc::new(Detaching {
+            inner,
+            armed: AtomicBool::new(false),
+        });
+        let fs = Fs::mount(dev.clone(), MountOptions::default()).unwrap();
+        let (attr, fh) = fs.create(root, ROOT_INO, b"f", 0o644, true, true).unwrap();
+        let data: Vec<u8> = (0..1 << 16).map(|i| (i * 7 + 3) as u8).collect();
+        fs.write(attr.ino, 0, &data).unwrap();
+        fs.fsync(attr.ino).unwrap();
+
+        let backend = Backend {
+            kind: uapi::BACKEND_KERNEL,
+            dmabufs: false,
+            strict: false,
+            reason: "test".into(),
+        };
+        let reg = Registry::new(backend, Limits::default());
+        let mut mem = crate::client::sealed_memfd("detach", 1 << 16).unwrap();
+        mem.write_all(&[0xAA; 1 << 16]).unwrap();
+        let req = uapi::Register {
+            buf_fd: mem.as_raw_fd(),
+            ..Default::default()
+        };
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let token = reg.register(&fs, fh, 0, tid, &req).unwrap();
+        let stats = |t| {
+            reg.stats(
+                &fs,
+                fh,
+                0,
+                &uapi::Stats {
+                    token: t,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        assert_eq!(stats(token).path, uapi::PATH_KERNEL);
+
+        dev.armed.store(true, Ordering::SeqCst);
+        let io = IoRequest {
+            token,
+            file_offset: 8192,
+            buf_offset: 0,
+            len: 16384,
+            write: false,
+        };
+        let moved = reg.io(&fs, fh, &io).unwrap();
+        assert_eq!(moved.bytes, 16384, "retried once, unfixed");
+        let mut got = vec![0u8; 16384];
+        mem.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, data[8192..8192 + 16384]);
+        let s = stats(token);
+        assert_eq!(s.path, uapi::PATH_DIRECT, "the token left the kernel path");
+        assert_eq!(s.detached_ops, 1);
+        assert_eq!(stats(0).detached_ops, 1, "file totals");
+        // Later ops go the mapped way without another detach.
+        assert_eq!(reg.io(&fs, fh, &io).unwrap().bytes, 16384);
+        assert_eq!(stats(token).detached_ops, 1);
+        assert_eq!(stats(token).c.errors, 0);
+        reg.release(fh);
+        assert_eq!(reg.live_tokens(), 0);
+        assert_eq!(reg.usage(0), Usage::default(), "quota back at close");
+    }
+}

@@ -14,7 +14,13 @@
  *               of 4096, a buffer whose size is not a multiple of 4096, an
  *               empty window or one past the end of the buffer, buf_fd
  *               neither a dmabuf nor a memfd, a memfd without F_SEAL_SHRINK,
- *               BATCH count of 0 or above DMABUF_FS_MAX_BATCH
+ *               BATCH count of 0 or above DMABUF_FS_MAX_BATCH;
+ *               under the kernel backend, READ/WRITE of a range that needs
+ *               the CPU on a dmabuf the CPU cannot map (GPU memory): an
+ *               offset or length not a multiple of 4096, or a READ over a
+ *               hole or past EOF (zeros to fill), as the kernel series
+ *               answers misaligned I/O. Such a dmabuf registers without a
+ *               CPU mapping; aligned ranges of written data always work.
  *   EBADF       the token is not registered on this open file (foreign,
  *               stale and unknown tokens look the same); READ on a file
  *               opened write-only, WRITE on one opened read-only; buf_fd
@@ -22,8 +28,9 @@
  *   EFAULT      len == 0, or the buffer range lies outside the token window
  *   EACCES      READ into a buffer that could only be mapped read-only
  *               (e.g. a write-sealed memfd)
- *   EOPNOTSUPP  a dmabuf the active backend cannot reach; REGISTER on
- *               something other than a regular file (a directory)
+ *   EOPNOTSUPP  a dmabuf the active backend cannot reach (under the mapped
+ *               backend: one the CPU cannot map); REGISTER on something
+ *               other than a regular file (a directory)
  *   EPERM       the daemon may not take the caller's fd (pid namespace,
  *               ptrace rules), or the caller no longer holds the file it
  *               called REGISTER through (it exited and its tid was reused)
