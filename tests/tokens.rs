@@ -1386,3 +1386,50 @@ fn unmappable_dmabufs_need_the_kernel_backend_and_aligned_ranges() {
     assert_errno(t.read(100, 0, 4096), libc::EINVAL, "unaligned READ");
     assert_errno(t.write(0, 0, 1000), libc::EINVAL, "unaligned WRITE");
 }
+
+#[test]
+fn token_write_growing_the_file_is_seen_at_once_through_open_fds_and_mmaps() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    let p = m.join("f");
+    write_file(&p, &[1u8; 4096]);
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let mut one = [0u8; 1];
+    f.read_exact_at(&mut one, 4095).unwrap(); // size and page cached
+                                              // SAFETY: a shared read mapping of three pages of a file we keep
+                                              // open (two past EOF for now); unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * 4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let tf = TokenFile::from_file(f.try_clone().unwrap());
+    let buf = sealed_memfd("t", 3 * 4096).unwrap();
+    let fresh = pseudo_random(41, 8192 - 7);
+    fill_memfd(&buf, &fresh);
+    let t = tf.register(&buf, 0, 0).unwrap();
+    // Unaligned end: the file grows to 12281 bytes.
+    assert_eq!(
+        t.write(4096, 0, fresh.len() as u64).unwrap(),
+        fresh.len() as u64
+    );
+    let end = 4096 + fresh.len();
+    // The kernel knows the new size before the WRITE returns: a fault
+    // on the grown part (which checks the cached i_size, no revalidation;
+    // past it: SIGBUS) and pread of the last byte work, with no stat.
+    // SAFETY: inside the mapping and, now, inside the file.
+    let at = |i: usize| unsafe { std::ptr::read_volatile(map.cast::<u8>().add(i)) };
+    assert_eq!(at(10000), fresh[10000 - 4096]);
+    assert_eq!(at(end - 1), fresh[fresh.len() - 1], "last byte by mmap");
+    f.read_exact_at(&mut one, end as u64 - 1).unwrap();
+    assert_eq!(one[0], fresh[fresh.len() - 1], "last byte by pread");
+    assert_eq!(f.metadata().unwrap().len(), end as u64);
+    // SAFETY: unmapping what we mapped.
+    unsafe { libc::munmap(map, 3 * 4096) };
+}
