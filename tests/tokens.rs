@@ -773,6 +773,69 @@ fn batch_runs_each_op_with_its_own_result() {
     );
 }
 
+/// Threads of process `pid` other than io_uring's own workers.
+fn daemon_threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| !c.starts_with("iou-"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn batch_starts_no_threads() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let img = Image::new("128M");
+    let m = img.mount();
+    let data = pseudo_random(9, 8 << 20);
+    write_file(&m.join("f"), &data);
+    let pid = *m.daemons().first().expect("daemon pid");
+    let f = TokenFile::open(&m.join("f"), false).unwrap();
+    let buf = sealed_memfd("t", 8 << 20).unwrap();
+    let t = f.register(&buf, 0, 0).unwrap();
+    let before = daemon_threads(pid);
+    let (stop, most) = (AtomicBool::new(false), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(daemon_threads(pid), Ordering::Relaxed);
+            }
+        });
+        for round in 0..10u64 {
+            let mut ops: Vec<BatchOp> = (0..uapi::MAX_BATCH as u64)
+                .map(|i| BatchOp {
+                    token: t.id(),
+                    file_offset: (i * 37 + round * 11) % 128 * 65536,
+                    buf_offset: i * 65536,
+                    len: 65536,
+                    op: uapi::OP_READ,
+                    ..Default::default()
+                })
+                .collect();
+            f.batch(&mut ops).unwrap();
+            for op in &ops {
+                assert_eq!(op.result, 65536);
+            }
+            let op = &ops[round as usize];
+            let mut got = vec![0u8; 65536];
+            buf.read_exact_at(&mut got, op.buf_offset).unwrap();
+            let at = op.file_offset as usize;
+            assert_eq!(got, &data[at..at + 65536], "round {round}");
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let most = most.load(Ordering::Relaxed);
+    assert!(
+        most <= before,
+        "BATCH started threads: {before} before, up to {most} during"
+    );
+}
+
 #[test]
 fn info_reports_the_backend() {
     let img = Image::new("64M");
@@ -879,7 +942,8 @@ int main(void) {
   S(dmabuf_fs_unregister)
   S(dmabuf_fs_io) O(dmabuf_fs_io, flags) O(dmabuf_fs_io, transferred)
   S(dmabuf_fs_info) O(dmabuf_fs_info, features) O(dmabuf_fs_info, backend_reason)
-  S(dmabuf_fs_stats) O(dmabuf_fs_stats, c) O(dmabuf_fs_stats, resv)
+  S(dmabuf_fs_stats) O(dmabuf_fs_stats, c) O(dmabuf_fs_stats, max_tokens_per_file) O(dmabuf_fs_stats, max_pinned_per_user) O(dmabuf_fs_stats, user_pinned) O(dmabuf_fs_stats, user_tokens) O(dmabuf_fs_stats, detached_ops)
+  printf("FEAT_LIMITS %llu\n", (unsigned long long)DMABUF_FS_FEAT_LIMITS);
   S(dmabuf_fs_batch_op) O(dmabuf_fs_batch_op, result)
   S(dmabuf_fs_batch) O(dmabuf_fs_batch, ops)
   printf("REGISTER %lu\nUNREGISTER %lu\nREAD %lu\nWRITE %lu\nINFO %lu\nSTATS %lu\nBATCH %lu\n",
@@ -898,13 +962,15 @@ int main(void) {
         "dmabuf_fs_register {}\ndmabuf_fs_register.size {}\ndmabuf_fs_register.token {}\ndmabuf_fs_register.resv {}\n\
 dmabuf_fs_unregister {}\ndmabuf_fs_io {}\ndmabuf_fs_io.flags {}\ndmabuf_fs_io.transferred {}\n\
 dmabuf_fs_info {}\ndmabuf_fs_info.features {}\ndmabuf_fs_info.backend_reason {}\n\
-dmabuf_fs_stats {}\ndmabuf_fs_stats.c {}\ndmabuf_fs_stats.resv {}\n\
+dmabuf_fs_stats {}\ndmabuf_fs_stats.c {}\ndmabuf_fs_stats.max_tokens_per_file {}\ndmabuf_fs_stats.max_pinned_per_user {}\n\
+dmabuf_fs_stats.user_pinned {}\ndmabuf_fs_stats.user_tokens {}\ndmabuf_fs_stats.detached_ops {}\nFEAT_LIMITS {}\n\
 dmabuf_fs_batch_op {}\ndmabuf_fs_batch_op.result {}\ndmabuf_fs_batch {}\ndmabuf_fs_batch.ops {}\n\
 REGISTER {}\nUNREGISTER {}\nREAD {}\nWRITE {}\nINFO {}\nSTATS {}\nBATCH {}\n",
         size_of::<Register>(), offset_of!(Register, size), offset_of!(Register, token), offset_of!(Register, resv),
         size_of::<Unregister>(), size_of::<Io>(), offset_of!(Io, flags), offset_of!(Io, transferred),
         size_of::<uapi::Info>(), offset_of!(uapi::Info, features), offset_of!(uapi::Info, backend_reason),
-        size_of::<Stats>(), offset_of!(Stats, c), offset_of!(Stats, resv),
+        size_of::<Stats>(), offset_of!(Stats, c), offset_of!(Stats, max_tokens_per_file), offset_of!(Stats, max_pinned_per_user),
+        offset_of!(Stats, user_pinned), offset_of!(Stats, user_tokens), offset_of!(Stats, detached_ops), uapi::FEAT_LIMITS,
         size_of::<BatchOp>(), offset_of!(BatchOp, result), size_of::<uapi::Batch>(), offset_of!(uapi::Batch, ops),
         uapi::IOC_REGISTER, uapi::IOC_UNREGISTER, uapi::IOC_READ_CMD, uapi::IOC_WRITE_CMD,
         uapi::IOC_INFO, uapi::IOC_STATS, uapi::IOC_BATCH,
@@ -1228,4 +1294,142 @@ fn kernel_rejects_a_dmabuf_on_another_open_of_the_device() {
     let r = read_fixed(&a, 0);
     let filled = memfd_bytes(&mem, 65536) == data[..65536];
     println!("O_DIRECT cleared after registration: READ_FIXED returned {r}, data filled: {filled}");
+}
+
+/// A mount whose daemon treats every dmabuf as one the CPU cannot map
+/// (`DMABUF_FS_TEST_UNMAPPABLE_DMABUFS=1`, the stand-in for GPU VRAM);
+/// unmounted on drop.
+struct UnmappableMount {
+    dir: tempfile::TempDir,
+}
+
+impl UnmappableMount {
+    fn new(image: &Path, opts: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(common::bin())
+            .env("DMABUF_FS_TEST_UNMAPPABLE_DMABUFS", "1")
+            .arg("mount")
+            .arg(image)
+            .arg(dir.path())
+            .args(["-o", opts])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::output_text(&out));
+        Self { dir }
+    }
+
+    fn join(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for UnmappableMount {
+    fn drop(&mut self) {
+        let _ = common::run_unchecked("umount", &[self.dir.path()]);
+    }
+}
+
+#[test]
+fn unmappable_dmabufs_need_the_kernel_backend_and_aligned_ranges() {
+    let Some((mem, dmabuf)) = udmabuf(64 << 10) else {
+        println!("SKIP: /dev/udmabuf is absent on this machine (no dmabuf exporter); the VM test runs this");
+        return;
+    };
+    let img = Image::new("64M");
+    let data = pseudo_random(31, 64 << 10);
+    {
+        // The mapped backend moves everything through the daemon's
+        // mapping: a dmabuf it cannot map is refused at REGISTER.
+        let m = UnmappableMount::new(img.path(), "tokens=mapped");
+        write_file(&m.join("f"), &data);
+        let f = TokenFile::open(&m.join("f"), true).unwrap();
+        assert_errno(
+            f.register(&dmabuf, 0, 0).map(|t| t.leak()),
+            libc::EOPNOTSUPP,
+            "unmappable dmabuf under tokens=mapped",
+        );
+        // A memfd is unaffected by the switch.
+        let plain = sealed_memfd("plain", 8192).unwrap();
+        f.register(&plain, 0, 0).unwrap();
+    }
+    let backend = common::forced_token_backend().unwrap_or_else(|| "auto".into());
+    let m = UnmappableMount::new(img.path(), &format!("tokens={backend}"));
+    let f = TokenFile::open(&m.join("f"), true).unwrap();
+    let info = f.info().unwrap();
+    if info.backend != uapi::BACKEND_KERNEL || info.features & uapi::FEAT_DMABUF == 0 {
+        println!(
+            "SKIP: the kernel backend with dmabufs is not available here ({}); the VM test on a patched kernel runs the rest",
+            info.reason()
+        );
+        return;
+    }
+    // The kernel backend registers it without a CPU mapping.
+    let t = f.register(&dmabuf, 0, 0).unwrap();
+    assert_eq!(t.stats().unwrap().path, uapi::PATH_KERNEL);
+    // Aligned READ: the bytes land in the buffer (compared, not assumed).
+    assert_eq!(t.read(8192, 4096, 16384).unwrap(), 16384);
+    assert_eq!(
+        memfd_bytes(&mem, 64 << 10)[4096..4096 + 16384],
+        data[8192..8192 + 16384]
+    );
+    // Aligned WRITE: the file gets the buffer's bytes.
+    let fresh = pseudo_random(32, 8192);
+    mem.write_all_at(&fresh, 32768).unwrap();
+    assert_eq!(t.write(40960, 32768, 8192).unwrap(), 8192);
+    let mut back = vec![0u8; 8192];
+    File::open(m.join("f"))
+        .unwrap()
+        .read_exact_at(&mut back, 40960)
+        .unwrap();
+    assert_eq!(back, fresh);
+    // Unaligned ranges need a CPU bounce: EINVAL, as the series answers.
+    assert_errno(t.read(100, 0, 4096), libc::EINVAL, "unaligned READ");
+    assert_errno(t.write(0, 0, 1000), libc::EINVAL, "unaligned WRITE");
+}
+
+#[test]
+fn token_write_growing_the_file_is_seen_at_once_through_open_fds_and_mmaps() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    let p = m.join("f");
+    write_file(&p, &[1u8; 4096]);
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let mut one = [0u8; 1];
+    f.read_exact_at(&mut one, 4095).unwrap(); // size and page cached
+                                              // SAFETY: a shared read mapping of three pages of a file we keep
+                                              // open (two past EOF for now); unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * 4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let tf = TokenFile::from_file(f.try_clone().unwrap());
+    let buf = sealed_memfd("t", 3 * 4096).unwrap();
+    let fresh = pseudo_random(41, 8192 - 7);
+    fill_memfd(&buf, &fresh);
+    let t = tf.register(&buf, 0, 0).unwrap();
+    // Unaligned end: the file grows to 12281 bytes.
+    assert_eq!(
+        t.write(4096, 0, fresh.len() as u64).unwrap(),
+        fresh.len() as u64
+    );
+    let end = 4096 + fresh.len();
+    // The kernel knows the new size before the WRITE returns: a fault
+    // on the grown part (which checks the cached i_size, no revalidation;
+    // past it: SIGBUS) and pread of the last byte work, with no stat.
+    // SAFETY: inside the mapping and, now, inside the file.
+    let at = |i: usize| unsafe { std::ptr::read_volatile(map.cast::<u8>().add(i)) };
+    assert_eq!(at(10000), fresh[10000 - 4096]);
+    assert_eq!(at(end - 1), fresh[fresh.len() - 1], "last byte by mmap");
+    f.read_exact_at(&mut one, end as u64 - 1).unwrap();
+    assert_eq!(one[0], fresh[fresh.len() - 1], "last byte by pread");
+    assert_eq!(f.metadata().unwrap().len(), end as u64);
+    // SAFETY: unmapping what we mapped.
+    unsafe { libc::munmap(map, 3 * 4096) };
 }

@@ -140,6 +140,7 @@ fn serve(
         .thread_block()
         .map_err(|e| format!("sigprocmask: {e}"))?;
 
+    raise_fd_limit();
     let source = target
         .canonicalize()
         .map_err(|e| format!("cannot open {}: {e}", target.display()))?;
@@ -186,8 +187,8 @@ fn serve(
         threads: opts.threads,
         flags: kernel_flags(&opts.flags),
     };
-    let tokens = Arc::new(tokens::Registry::new(backend));
-    let session = match fuse::mount(fs.clone(), tokens, mountpoint, &cfg) {
+    let tokens = Arc::new(tokens::Registry::new(backend, opts.token_limits));
+    let session = match fuse::mount(fs.clone(), tokens.clone(), mountpoint, &cfg) {
         Ok(s) => s,
         Err(e) => {
             let _ = fs.unmount();
@@ -201,6 +202,12 @@ fn serve(
         cfg.threads
     );
     raise_readahead(mountpoint);
+    match tokens::mount_dev_of(mountpoint) {
+        Some(dev) => tokens.set_mount_dev(dev),
+        None => log::warn!(
+            "mount not found in /proc/self/mountinfo: REGISTER cannot check that the caller still holds the file"
+        ),
+    }
     notify(READY);
 
     let mp = mountpoint.to_path_buf();
@@ -222,6 +229,38 @@ fn serve(
         error!("FUSE session ended with an error: {e}");
     }
     closed.map_err(|e| format!("final commit failed: {e}"))
+}
+
+/// Every token holds an fd of the caller's buffer, so the soft fd limit
+/// (often 1024) would cap the whole mount at about a thousand tokens:
+/// raise it to the hard limit. Running out anyway is ENFILE to REGISTER.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        log::warn!(
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let soft = lim.rlim_cur;
+    if soft >= lim.rlim_max {
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        info!("fd limit raised from {soft} to {}", lim.rlim_max);
+    } else {
+        log::warn!(
+            "fd limit left at {soft}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// The kernel flags of the mount. fuser defaults to nodev,nosuid; a root

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fuser::MountOption;
 
 use crate::fs::AtimeMode;
-use crate::tokens::Choice;
+use crate::tokens::{Choice, Limits};
 
 /// Parses "4096", "256M", "4G", "1GiB" into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -50,6 +50,11 @@ pub struct MountOpts {
     pub flags: Vec<MountOption>,
     /// Which token backend (`tokens=auto|mapped|kernel`).
     pub tokens: Choice,
+    /// Token quotas: `token_max_per_file=N` (live tokens per open file),
+    /// `token_max_per_user=N` (live tokens per uid), `token_max_pinned=SIZE`
+    /// (window bytes of one uid's live tokens). REGISTER past one is
+    /// EDQUOT.
+    pub token_limits: Limits,
 }
 
 impl Default for MountOpts {
@@ -67,6 +72,7 @@ impl Default for MountOpts {
             test_fail_after: None,
             flags: Vec::new(),
             tokens: Choice::Auto,
+            token_limits: Limits::default(),
         }
     }
 }
@@ -137,6 +143,16 @@ impl MountOpts {
                 "remount" => o.remount = true,
                 "log" => o.log = value.map(PathBuf::from),
                 "tokens" => o.tokens = value.unwrap_or_default().parse()?,
+                "token_max_per_file" => {
+                    o.token_limits.tokens_per_file = positive_u32(opt, num(value)?)?
+                }
+                "token_max_per_user" => {
+                    o.token_limits.tokens_per_user = positive_u32(opt, num(value)?)?
+                }
+                "token_max_pinned" => {
+                    o.token_limits.pinned_per_user =
+                        parse_size(value.ok_or_else(|| format!("option {opt:?} needs a size"))?)?
+                }
                 "test_undo_log" => o.test_undo_log = value.map(PathBuf::from),
                 "test_fail_after" => o.test_fail_after = Some(num(value)?),
                 // Set by this program itself; mount(8) may echo them back.
@@ -147,6 +163,14 @@ impl MountOpts {
         }
         Ok(o)
     }
+}
+
+/// A count limit: 1 to u32::MAX (0 would forbid tokens altogether).
+fn positive_u32(opt: &str, n: u64) -> Result<u32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("option {opt:?}: expected 1 to {}", u32::MAX))
 }
 
 #[cfg(test)]
@@ -176,5 +200,17 @@ mod tests {
         assert!(MountOpts::parse("ro,remount").unwrap().remount);
         assert!(MountOpts::parse("threads=0").is_err());
         assert!(MountOpts::parse("bogus").is_err());
+        let t = MountOpts::parse("token_max_per_file=3,token_max_per_user=5,token_max_pinned=40K")
+            .unwrap();
+        assert_eq!(
+            t.token_limits,
+            Limits {
+                tokens_per_file: 3,
+                tokens_per_user: 5,
+                pinned_per_user: 40 << 10
+            }
+        );
+        assert!(MountOpts::parse("token_max_per_file=0").is_err());
+        assert!(MountOpts::parse("token_max_pinned").is_err());
     }
 }

@@ -33,6 +33,7 @@ pub fn info(path: &Path) -> Result<(), String> {
         (uapi::FEAT_UNALIGNED, "unaligned"),
         (uapi::FEAT_MEMFD, "memfd"),
         (uapi::FEAT_DMABUF, "dmabuf"),
+        (uapi::FEAT_LIMITS, "limits"),
     ];
     let feats: Vec<&str> = names
         .iter()
@@ -64,6 +65,18 @@ pub fn stats(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("{}: STATS failed: {e}", path.display()))?;
     println!("{}: {} live token(s)", path.display(), s.live_tokens);
     print_counters(&s.c);
+    if f.info().is_ok_and(|i| i.features & uapi::FEAT_LIMITS != 0) {
+        println!(
+            "limits: {} tokens per open file, {} per user, {} bytes registered per user\n\
+             you:    {} tokens, {} bytes registered; detached ops: {}",
+            s.max_tokens_per_file,
+            s.max_tokens_per_user,
+            s.max_pinned_per_user,
+            s.user_tokens,
+            s.user_pinned,
+            s.detached_ops
+        );
+    }
     Ok(())
 }
 

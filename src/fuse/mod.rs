@@ -3,8 +3,8 @@
 //!
 //! Deliberately thin. It converts types (fuser's to ours), picks each
 //! errno (from `FsError::errno` / `TokenError::errno`), and owns nothing but the
-//! mount session and the thread that invalidates the kernel's page cache
-//! after token writes.
+//! mount session and the small pool of threads that invalidate the
+//! kernel's page cache after token writes.
 
 use std::ffi::OsStr;
 use std::io;
@@ -27,7 +27,7 @@ use crate::fs::{
     Attr, Caller, FallocMode, Fs, FsError, Kind, RenameMode, SeekWhence, SetAttr, TimeSet,
     Timespec, XattrMode,
 };
-use crate::tokens::{Registry, TokenError};
+use crate::tokens::{Registry, TokenError, Written};
 use crate::uapi::{self, DecodeError, Request as Ioctl};
 
 /// Files open with FOPEN_KEEP_CACHE when the fs allows: every change
@@ -64,6 +64,11 @@ pub struct MountConfig {
 /// Work that must talk to the kernel off the FUSE worker threads.
 type Deferred = Box<dyn FnOnce(&Notifier) + Send>;
 
+/// Threads that invalidate pages and then reply. Several, so one slow
+/// invalidation does not hold up every other token WRITE's reply; jobs
+/// of one inode always go to the same thread, so they run in order.
+const INVALIDATORS: usize = 4;
+
 /// Mounts `fs` at `mountpoint`; returns once the kernel handshake is done
 /// (the mount is live). Serve it with `Session::run`.
 pub fn mount(
@@ -95,7 +100,9 @@ pub fn mount(
         SessionACL::Owner
     };
     config.n_threads = Some(cfg.threads.max(1));
-    let (deferred, queue) = mpsc::channel::<Deferred>();
+    let (deferred, queues): (Vec<_>, Vec<_>) = (0..INVALIDATORS)
+        .map(|_| mpsc::channel::<Deferred>())
+        .unzip();
     let session = Session::new(
         FuseFs {
             fs,
@@ -107,22 +114,25 @@ pub fn mount(
     )?;
     // Page-cache invalidation can wait for pages that a pending read has
     // locked; that read needs a free worker. So invalidations (and the
-    // replies that must follow them) run on their own thread.
-    let notifier = session.notifier();
-    std::thread::Builder::new()
-        .name("invalidate".into())
-        .spawn(move || {
-            for job in queue {
-                job(&notifier);
-            }
-        })?;
+    // replies that must follow them) run on their own threads.
+    for (i, queue) in queues.into_iter().enumerate() {
+        let notifier = session.notifier();
+        std::thread::Builder::new()
+            .name(format!("invalidate-{i}"))
+            .spawn(move || {
+                for job in queue {
+                    job(&notifier);
+                }
+            })?;
+    }
     Ok(session)
 }
 
 pub struct FuseFs {
     fs: Arc<Fs>,
     tokens: Arc<Registry>,
-    deferred: mpsc::Sender<Deferred>,
+    /// One queue per invalidation thread.
+    deferred: Vec<mpsc::Sender<Deferred>>,
 }
 
 fn token_fail(op: &str, e: TokenError) -> Errno {
@@ -244,29 +254,32 @@ fn reply_xattr(reply: ReplyXattr, r: Result<Vec<u8>, FsError>, size: u32, op: &s
 
 impl FuseFs {
     /// Drops the kernel's cached pages (and attributes) of each written
-    /// (ino, offset, len), then runs `then` (the reply), off this thread.
-    fn invalidate_then(&self, ranges: &[(u64, u64, u64)], then: impl FnOnce() + Send + 'static) {
+    /// range, then runs `then` (the reply), off this thread.
+    fn invalidate_then(&self, ranges: &[Written], then: impl FnOnce() + Send + 'static) {
         let ranges = ranges.to_vec();
+        let ino = ranges.first().map_or(0, |r| r.ino);
         let fs = self.fs.clone();
         let job: Deferred = Box::new(move |n: &Notifier| {
-            for (ino, off, len) in ranges {
-                if let Err(e) = Self::invalidate(&fs, n, ino, off, len) {
+            for w in ranges {
+                if let Err(e) = Self::invalidate(&fs, n, &w) {
                     // ENOENT: the kernel has nothing cached for it.
                     if e.raw_os_error() != Some(libc::ENOENT) {
-                        warn!("invalidating inode {ino}: {e}");
+                        warn!("invalidating inode {}: {e}", w.ino);
                     }
                 }
             }
             then();
         });
-        self.defer(job);
+        self.defer(ino, job);
     }
 
-    /// Hands `job` to the invalidation thread. If it is gone (the session
-    /// is ending), the job and the reply in it are dropped, and a dropped
-    /// reply answers EIO rather than leaving the caller waiting.
-    fn defer(&self, job: Deferred) {
-        let _ = self.deferred.send(job);
+    /// Hands `job` to the invalidation thread of inode `ino`. If it is
+    /// gone (the session is ending), the job and the reply in it are
+    /// dropped, and a dropped reply answers EIO rather than leaving the
+    /// caller waiting.
+    fn defer(&self, ino: u64, job: Deferred) {
+        let queue = &self.deferred[(ino % self.deferred.len() as u64) as usize];
+        let _ = queue.send(job);
     }
 
     /// Drops the kernel's cached attributes of `ino` (no pages), then
@@ -280,21 +293,33 @@ impl FuseFs {
             }
             then();
         });
-        self.defer(job);
+        self.defer(ino, job);
     }
 
-    fn invalidate(fs: &Fs, n: &Notifier, ino: u64, off: u64, len: u64) -> io::Result<()> {
-        n.inval_inode(INodeNo(ino), off as i64, len as i64)?;
+    fn invalidate(fs: &Fs, n: &Notifier, w: &Written) -> io::Result<()> {
+        n.inval_inode(INodeNo(w.ino), w.offset as i64, w.len as i64)?;
         // A write that ended at EOF may have grown the file, and a page
         // fault past the kernel's old i_size would SIGBUS before the next
         // stat refreshes it. Storing the last byte moves i_size (an empty
-        // store does not); it is read back just now, so it is current.
-        let end = off + len;
-        if fs.getattr(ino).is_ok_and(|a| a.size == end) {
-            if let Ok(last) = fs.read(ino, end - 1, 1) {
-                if last.len() == 1 {
-                    n.store(INodeNo(ino), end - 1, &last)?;
-                }
+        // store does not). The byte comes from the token's buffer, copied
+        // right after the write, as long as the file's times say no write
+        // came since; else (rare) it is read back from the device.
+        let end = w.offset + w.len;
+        let Some(last) = w.last_byte else {
+            return Ok(());
+        };
+        let Ok(a) = fs.getattr(w.ino) else {
+            return Ok(());
+        };
+        if a.size != end {
+            return Ok(());
+        }
+        let unchanged = (a.mtime, a.ctime) == (last.mtime, last.ctime);
+        if let (true, Some(byte)) = (unchanged, last.byte) {
+            n.store(INodeNo(w.ino), end - 1, &[byte])?;
+        } else if let Ok(byte) = fs.read(w.ino, end - 1, 1) {
+            if byte.len() == 1 {
+                n.store(INodeNo(w.ino), end - 1, &byte)?;
             }
         }
         Ok(())
@@ -704,7 +729,7 @@ impl fuser::Filesystem for FuseFs {
         };
         let (fs, tokens, fh) = (&self.fs, &self.tokens, fh.0);
         match request {
-            Ioctl::Register(mut r) => match tokens.register(fs, fh, req.pid(), &r) {
+            Ioctl::Register(mut r) => match tokens.register(fs, fh, req.uid(), req.pid(), &r) {
                 Ok(t) => {
                     r.token = t;
                     reply.ioctl(0, r.as_bytes());
@@ -723,7 +748,12 @@ impl fuser::Filesystem for FuseFs {
                         io.transferred = m.bytes;
                         let bytes = io.as_bytes().to_vec();
                         if write && m.bytes > 0 {
-                            let range = [(m.ino, io.file_offset, m.bytes)];
+                            let range = [Written {
+                                ino: m.ino,
+                                offset: io.file_offset,
+                                len: m.bytes,
+                                last_byte: m.last_byte,
+                            }];
                             self.invalidate_then(&range, move || reply.ioctl(0, &bytes));
                         } else {
                             reply.ioctl(0, &bytes);
@@ -733,7 +763,7 @@ impl fuser::Filesystem for FuseFs {
                 }
             }
             Ioctl::Info => reply.ioctl(0, tokens.info().as_bytes()),
-            Ioctl::Stats(s) => match tokens.stats(fs, fh, &s) {
+            Ioctl::Stats(s) => match tokens.stats(fs, fh, req.uid(), &s) {
                 Ok(out) => reply.ioctl(0, out.as_bytes()),
                 Err(e) => reply.error(token_fail("STATS", e)),
             },

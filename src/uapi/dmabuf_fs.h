@@ -14,7 +14,13 @@
  *               of 4096, a buffer whose size is not a multiple of 4096, an
  *               empty window or one past the end of the buffer, buf_fd
  *               neither a dmabuf nor a memfd, a memfd without F_SEAL_SHRINK,
- *               BATCH count of 0 or above DMABUF_FS_MAX_BATCH
+ *               BATCH count of 0 or above DMABUF_FS_MAX_BATCH;
+ *               under the kernel backend, READ/WRITE of a range that needs
+ *               the CPU on a dmabuf the CPU cannot map (GPU memory): an
+ *               offset or length not a multiple of 4096, or a READ over a
+ *               hole or past EOF (zeros to fill), as the kernel series
+ *               answers misaligned I/O. Such a dmabuf registers without a
+ *               CPU mapping; aligned ranges of written data always work.
  *   EBADF       the token is not registered on this open file (foreign,
  *               stale and unknown tokens look the same); READ on a file
  *               opened write-only, WRITE on one opened read-only; buf_fd
@@ -22,10 +28,21 @@
  *   EFAULT      len == 0, or the buffer range lies outside the token window
  *   EACCES      READ into a buffer that could only be mapped read-only
  *               (e.g. a write-sealed memfd)
- *   EOPNOTSUPP  a dmabuf the active backend cannot reach; REGISTER on
- *               something other than a regular file (a directory)
+ *   EOPNOTSUPP  a dmabuf the active backend cannot reach (under the mapped
+ *               backend: one the CPU cannot map); REGISTER on something
+ *               other than a regular file (a directory)
  *   EPERM       the daemon may not take the caller's fd (pid namespace,
- *               ptrace rules)
+ *               ptrace rules), or the caller no longer holds the file it
+ *               called REGISTER through (it exited and its tid was reused)
+ *   EDQUOT      REGISTER past a token quota of the mount: live tokens per
+ *               open file (mount option token_max_per_file, default 1024),
+ *               live tokens per user (token_max_per_user, default 4096),
+ *               window bytes of one user's live tokens (token_max_pinned,
+ *               default 64 GiB). UNREGISTER or close gives the quota back
+ *               (once in-flight I/O on the token ends). STATS shows the
+ *               limits and the caller's usage.
+ *   ENFILE      REGISTER while the daemon itself is out of file
+ *               descriptors (every token holds one); not the caller's quota
  *   EFBIG       WRITE past the maximum file size
  *   ENOSPC      WRITE with nothing written because the device is full
  *   EIO         the device failed
@@ -77,6 +94,7 @@ struct dmabuf_fs_io {                /* 64 bytes */
 #define DMABUF_FS_FEAT_UNALIGNED (1ULL << 2) /* any offset/length works */
 #define DMABUF_FS_FEAT_MEMFD     (1ULL << 3)
 #define DMABUF_FS_FEAT_DMABUF    (1ULL << 4)
+#define DMABUF_FS_FEAT_LIMITS    (1ULL << 5) /* STATS fills max_* , user_*, detached_ops */
 
 struct dmabuf_fs_info {              /* 128 bytes */
 	__u32 abi_version;     /* out: DMABUF_FS_ABI_VERSION */
@@ -116,13 +134,22 @@ struct dmabuf_fs_stats {             /* 128 bytes */
 	__u32 buf_kind;       /* out: DMABUF_FS_BUF_* (0 for file totals) */
 	__u32 path;           /* out: DMABUF_FS_PATH_* (0 for file totals) */
 	struct dmabuf_fs_counters c; /* out */
-	__u64 resv[4];
+	/* out, with DMABUF_FS_FEAT_LIMITS (in: 0; reserved in older daemons): */
+	__u32 max_tokens_per_file;  /* the mount's quotas (EDQUOT past them) */
+	__u32 max_tokens_per_user;
+	__u64 max_pinned_per_user;  /* window bytes */
+	__u64 user_pinned;          /* the caller's uid: window bytes of its live tokens */
+	__u32 user_tokens;          /* the caller's uid: its live tokens, all files */
+	__u32 detached_ops;         /* ops that found the kernel registration
+	                               detached (NVMe reset) and bounced; the
+	                               token then stays on the bounce path */
 };
 
 /*
  * BATCH: many READ/WRITE ops in one call, each with its own result. Ops
  * run concurrently (as an io_uring submission would): ops whose ranges
- * overlap, with at least one a WRITE, have no defined order.
+ * overlap, with at least one a WRITE, have no defined order. (Today all
+ * READs go to the device together, then the WRITEs in order.)
  */
 #define DMABUF_FS_OP_READ  1
 #define DMABUF_FS_OP_WRITE 2

@@ -19,6 +19,9 @@ pub const FEAT_STATS: u64 = 1 << 1;
 pub const FEAT_UNALIGNED: u64 = 1 << 2;
 pub const FEAT_MEMFD: u64 = 1 << 3;
 pub const FEAT_DMABUF: u64 = 1 << 4;
+/// STATS reports the mount's token limits, the caller's usage and
+/// `detached_ops`.
+pub const FEAT_LIMITS: u64 = 1 << 5;
 
 pub const BUF_MEMFD: u32 = 1;
 pub const BUF_DMABUF: u32 = 2;
@@ -123,7 +126,22 @@ pub struct Stats {
     pub buf_kind: u32,
     pub path: u32,
     pub c: Counters,
-    pub resv: [u64; 4],
+    /// The mount's limits (FEAT_LIMITS; 0 from older daemons).
+    pub max_tokens_per_file: u32,
+    pub max_tokens_per_user: u32,
+    pub max_pinned_per_user: u64,
+    /// The calling user's window bytes and tokens, over all its files.
+    pub user_pinned: u64,
+    pub user_tokens: u32,
+    /// Ops that found the token's kernel registration detached and went
+    /// the bounce way (file totals or the token).
+    pub detached_ops: u32,
+}
+
+impl Stats {
+    /// Offset of the first field after the counters (the reserved space
+    /// of early ABI v1 daemons); zero on input.
+    pub const LIMITS_OFFSET: usize = 96;
 }
 
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -231,6 +249,10 @@ mod tests {
         assert_eq!(size_of::<Info>(), 128);
         assert_eq!(size_of::<Counters>(), 64);
         assert_eq!(size_of::<Stats>(), 128);
+        assert_eq!(
+            std::mem::offset_of!(Stats, max_tokens_per_file),
+            Stats::LIMITS_OFFSET
+        );
         assert_eq!(size_of::<BatchOp>(), 56);
         assert_eq!(size_of::<Batch>(), 16 + 56 * MAX_BATCH);
         // _IOWR(0xDB, 0x40, 64 bytes)
