@@ -27,14 +27,30 @@ impl Default for Limits {
     /// Far above what one application needs (a few tokens per file, a
     /// few GiB of staging buffers), far below what takes the daemon down:
     /// a few users at their token limit stay under the fd limit the daemon
-    /// raises itself to.
+    /// raises itself to, and no one user can pin more than half of RAM
+    /// (the kernel backend pins memfd windows whole).
     fn default() -> Self {
         Self {
             tokens_per_file: 1024,
             tokens_per_user: 4096,
-            pinned_per_user: 64 << 30,
+            pinned_per_user: half_of_ram(),
         }
     }
+}
+
+/// Half of the machine's physical memory (4 GiB if it cannot be read).
+fn half_of_ram() -> u64 {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        return 4 << 30;
+    }
+    (pages as u64).saturating_mul(size as u64) / 2
 }
 
 /// Which limit a REGISTER ran into.

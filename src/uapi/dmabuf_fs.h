@@ -38,7 +38,7 @@
  *               open file (mount option token_max_per_file, default 1024),
  *               live tokens per user (token_max_per_user, default 4096),
  *               window bytes of one user's live tokens (token_max_pinned,
- *               default 64 GiB). UNREGISTER or close gives the quota back
+ *               default half of RAM). UNREGISTER or close gives the quota back
  *               (once in-flight I/O on the token ends). STATS shows the
  *               limits and the caller's usage.
  *   ENFILE      REGISTER while the daemon itself is out of file
@@ -134,7 +134,7 @@ struct dmabuf_fs_stats {             /* 128 bytes */
 	__u32 buf_kind;       /* out: DMABUF_FS_BUF_* (0 for file totals) */
 	__u32 path;           /* out: DMABUF_FS_PATH_* (0 for file totals) */
 	struct dmabuf_fs_counters c; /* out */
-	/* out, with DMABUF_FS_FEAT_LIMITS (in: 0; reserved in older daemons): */
+	/* out, with DMABUF_FS_FEAT_LIMITS (ignored on input; reserved, 0, in older daemons): */
 	__u32 max_tokens_per_file;  /* the mount's quotas (EDQUOT past them) */
 	__u32 max_tokens_per_user;
 	__u64 max_pinned_per_user;  /* window bytes */

@@ -140,7 +140,7 @@ pub struct Stats {
 
 impl Stats {
     /// Offset of the first field after the counters (the reserved space
-    /// of early ABI v1 daemons); zero on input.
+    /// of early ABI v1 daemons); output only, ignored on input.
     pub const LIMITS_OFFSET: usize = 96;
 }
 
