@@ -170,8 +170,14 @@ impl Fs {
 
     /// The lock that serialises data I/O of `ino` against its truncation
     /// and reallocation. Striped: inodes share a fixed set of locks rather
-    /// than each carrying one. Never hold two at once.
+    /// than each carrying one. Hold one at a time, except for read locks
+    /// taken each stripe once in index order (as `read_many` does).
     pub(super) fn io_lock(&self, ino: u64) -> &RwLock<()> {
-        &self.io_locks[(ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize % IO_LOCK_STRIPES]
+        &self.io_locks[self.io_stripe(ino)]
+    }
+
+    /// Index of `ino`'s lock in `io_locks`.
+    pub(super) fn io_stripe(&self, ino: u64) -> usize {
+        (ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize % IO_LOCK_STRIPES
     }
 }
