@@ -291,6 +291,11 @@ fn a_faulting_buffer_fails_the_op_and_the_daemon_keeps_serving() {
         ),
     };
     let id = t.id();
+    // Before any fault every op works.
+    for (fo, bo, len) in FAULT_OPS {
+        let r = t.read(fo, bo, len);
+        assert_eq!(r.ok(), Some(len), "READ {fo}+{len} before the fault");
+    }
 
     let mut in_flight = 0;
     let mut outcomes = [0usize; 3]; // ok, EFAULT, EIO
@@ -313,7 +318,8 @@ fn a_faulting_buffer_fails_the_op_and_the_daemon_keeps_serving() {
                 }
             })
         };
-        thread::sleep(Duration::from_millis(5 + 7 * round % 30));
+        // Let some ops finish before the cut, and catch others in flight.
+        thread::sleep(Duration::from_millis(30 + 11 * round % 40));
         let cut = Instant::now();
         mfd.set_len(0).unwrap();
         thread::sleep(Duration::from_millis(50));
