@@ -449,8 +449,23 @@ impl Fs {
             .ok_or(FsError::FileTooBig)?;
         let io = self.io_lock(ino);
         let _io = io.write();
+        let (full_start, full_end) = (offset.div_ceil(BS), end / BS);
+        let (head_end, tail_start) = Self::edges(end, full_start, full_end);
+        // Partial blocks at the edges of a punch or zero range are zeroed
+        // by copy, the device I/O before the state lock (the io lock keeps
+        // the extents as they are until then). Only files have blocks.
+        let zeroed = match mode {
+            FallocMode::Allocate { .. } => Vec::new(),
+            FallocMode::PunchHole | FallocMode::ZeroRange { .. } => self.copy_zeroed(
+                ino,
+                &[(offset, head_end - offset), (tail_start, end - tail_start)],
+            )?,
+        };
         let mut st = self.state.write();
-        let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
+        let Some(i) = st.meta.get(ino) else {
+            Self::release_copies(&mut st, &zeroed);
+            return Err(FsError::NotFound);
+        };
         match i.attrs.kind {
             Kind::File => {}
             Kind::Dir => return Err(FsError::IsDir),
@@ -458,7 +473,6 @@ impl Fs {
         }
         let mut a = i.attrs.clone();
         let now = Timespec::now();
-        let (full_start, full_end) = (offset.div_ceil(BS), end / BS);
         match mode {
             FallocMode::Allocate { keep_size } => {
                 self.allocate_unwritten(&mut st, ino, offset / BS, end.div_ceil(BS))?;
@@ -467,9 +481,7 @@ impl Fs {
                 }
             }
             FallocMode::PunchHole => {
-                let (head_end, tail_start) = Self::edges(end, full_start, full_end);
-                self.zero_by_copy(&mut st, ino, offset, head_end - offset)?;
-                self.zero_by_copy(&mut st, ino, tail_start, end - tail_start)?;
+                self.remap_zeroed(&mut st, ino, zeroed)?;
                 if full_end > full_start {
                     self.log(
                         &mut st,
@@ -483,9 +495,7 @@ impl Fs {
                 a.mtime = now;
             }
             FallocMode::ZeroRange { keep_size } => {
-                let (head_end, tail_start) = Self::edges(end, full_start, full_end);
-                self.zero_by_copy(&mut st, ino, offset, head_end - offset)?;
-                self.zero_by_copy(&mut st, ino, tail_start, end - tail_start)?;
+                self.remap_zeroed(&mut st, ino, zeroed)?;
                 if full_end > full_start {
                     // Written blocks become unwritten (read as zeros) in place.
                     let i = st.meta.get(ino).unwrap();
@@ -916,5 +926,153 @@ mod tests {
         reader.join().unwrap();
         writer.join().unwrap();
         fx.fs.unmount().unwrap();
+    }
+
+    /// A memory device whose reads, while armed, wait at a gate the test
+    /// opens: a device stuck in the middle of an operation.
+    struct GateDevice {
+        inner: MemDevice,
+        armed: AtomicBool,
+        /// (a read is waiting, the gate is open)
+        gate: parking_lot::Mutex<(bool, bool)>,
+        changed: parking_lot::Condvar,
+    }
+
+    impl GateDevice {
+        fn wait_for_read(&self, timeout: Duration) -> bool {
+            let mut g = self.gate.lock();
+            let deadline = std::time::Instant::now() + timeout;
+            while !g.0 {
+                if self.changed.wait_until(&mut g, deadline).timed_out() {
+                    return false;
+                }
+            }
+            true
+        }
+        fn open(&self) {
+            self.armed.store(false, Ordering::SeqCst);
+            let mut g = self.gate.lock();
+            *g = (false, true);
+            self.changed.notify_all();
+        }
+        fn arm(&self) {
+            *self.gate.lock() = (false, false);
+            self.armed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl BlockDevice for GateDevice {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn submit(
+            &self,
+            dir: Direction,
+            buf: &IoBuffer<'_>,
+            ranges: &[IoRange],
+        ) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            if dir == Direction::Read && self.armed.load(Ordering::SeqCst) {
+                let mut g = self.gate.lock();
+                g.0 = true;
+                self.changed.notify_all();
+                while !g.1 {
+                    self.changed.wait(&mut g);
+                }
+            }
+            self.inner.submit(dir, buf, ranges)
+        }
+        fn flush(&self) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            self.inner.flush()
+        }
+        fn describe(&self) -> String {
+            "gated memory device".into()
+        }
+    }
+
+    /// Truncation to mid-block and a punch hole zero partial blocks by
+    /// copy, which reads the device: while that read is stuck, metadata
+    /// operations of other files (stat, create) still go through, and the
+    /// result is right once the read completes.
+    #[test]
+    fn zeroing_by_copy_holds_no_state_lock_across_device_io() {
+        let dev = Arc::new(GateDevice {
+            inner: MemDevice::new(16 << 20),
+            armed: AtomicBool::new(false),
+            gate: parking_lot::Mutex::new((false, true)),
+            changed: parking_lot::Condvar::new(),
+        });
+        format(dev.as_ref(), ROOT).unwrap();
+        let opts = MountOptions {
+            commit_interval: Duration::from_secs(3600),
+            ..MountOptions::default()
+        };
+        let fs = Fs::mount(dev.clone() as Arc<dyn BlockDevice>, opts).unwrap();
+        let (a, fh) = fs.create(ROOT, ROOT_INO, b"f", 0o644, true, true).unwrap();
+        fs.release(fh).unwrap();
+        let data = pattern(5, 3 * BS as usize);
+        fs.write(a.ino, 0, &data).unwrap();
+        let punch = FallocMode::PunchHole;
+        type Op = Box<dyn FnOnce(&Fs, u64) -> Result<()> + Send>;
+        let ops: [(&str, Op); 2] = [
+            (
+                "punch",
+                Box::new(move |fs, ino| fs.fallocate(ROOT, ino, BS + 10, 100, punch)),
+            ),
+            (
+                "truncate",
+                Box::new(|fs, ino| {
+                    let set = SetAttr {
+                        size: Some(2 * BS + 7),
+                        ..SetAttr::default()
+                    };
+                    fs.setattr(ino, &set).map(|_| ())
+                }),
+            ),
+        ];
+        for (k, (what, op)) in ops.into_iter().enumerate() {
+            dev.arm();
+            let worker = {
+                let fs = fs.clone();
+                std::thread::spawn(move || op(&fs, a.ino))
+            };
+            assert!(
+                dev.wait_for_read(Duration::from_secs(10)),
+                "{what}: no device read"
+            );
+            let (tx, rx) = mpsc::channel();
+            let other = {
+                let fs = fs.clone();
+                std::thread::spawn(move || {
+                    let name = format!("other{k}");
+                    let r = fs.getattr(ROOT_INO).and_then(|_| {
+                        fs.create(ROOT, ROOT_INO, name.as_bytes(), 0o644, true, false)
+                    });
+                    tx.send(r.map(|(_, fh)| fh)).unwrap();
+                })
+            };
+            let served = rx.recv_timeout(Duration::from_secs(3));
+            dev.open();
+            worker.join().unwrap().unwrap();
+            other.join().unwrap();
+            let fh = served
+                .unwrap_or_else(|_| panic!("{what}: stat and create waited for the device"))
+                .unwrap();
+            fs.release(fh).unwrap();
+        }
+        let mut want = data.clone();
+        want[BS as usize + 10..BS as usize + 110].fill(0);
+        want.truncate(2 * BS as usize + 7);
+        assert!(fs.read(a.ino, 0, 3 * BS as usize).unwrap()[..] == want[..]);
+        // The block cut by the truncation reads zeros past the new end.
+        let grow = SetAttr {
+            size: Some(3 * BS),
+            ..SetAttr::default()
+        };
+        fs.setattr(a.ino, &grow).unwrap();
+        want.resize(3 * BS as usize, 0);
+        assert!(fs.read(a.ino, 0, 3 * BS as usize).unwrap()[..] == want[..]);
+        fs.unmount().unwrap();
+        let report = check::fsck(dev.as_ref(), false).unwrap();
+        assert!(report.remaining.is_empty(), "{:?}", report.remaining);
     }
 }
