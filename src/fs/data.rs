@@ -3,60 +3,153 @@
 
 use super::*;
 
+/// What a read will do, worked out under the state lock and carried out
+/// after it is released: device ranges to transfer, buffer ranges to zero
+/// (holes and unwritten extents), the byte count, and whether atime is due.
+struct ReadPlan {
+    len: usize,
+    ranges: Vec<IoRange>,
+    zeros: Vec<(usize, usize)>,
+    touch_atime: bool,
+}
+
 impl Fs {
+    /// Plans a read of up to `want` bytes at `offset` of `ino`: short only
+    /// at EOF. Only reads metadata: the caller holds the state lock (and
+    /// the inode's io lock, so the plan stays true until it is carried out).
+    fn plan_read(&self, st: &State, ino: u64, offset: u64, want: usize) -> Result<ReadPlan> {
+        let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
+        match i.attrs.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid("read of a special file")),
+        }
+        let mut plan = ReadPlan {
+            len: 0,
+            ranges: Vec::new(),
+            zeros: Vec::new(),
+            touch_atime: false,
+        };
+        let size = i.attrs.size;
+        if offset >= size || want == 0 {
+            return Ok(plan);
+        }
+        let n = (size - offset).min(want as u64);
+        let end = offset + n;
+        let fb = offset / BS;
+        for r in runs(i, fb, (end - 1) / BS + 1 - fb) {
+            let (file_block, len, ext) = match r {
+                Run::Hole { file_block, len } => (file_block, len, None),
+                Run::Mapped { file_block, ext } => (file_block, ext.len, Some(ext)),
+            };
+            let s = offset.max(file_block * BS);
+            let e = end.min((file_block + len) * BS);
+            match ext {
+                Some(ext) if !ext.unwritten => plan.ranges.push(IoRange {
+                    dev_offset: ext.dev * BS + (s - file_block * BS),
+                    buf_offset: (s - offset) as usize,
+                    len: (e - s) as usize,
+                }),
+                _ => plan.zeros.push(((s - offset) as usize, (e - s) as usize)),
+            }
+        }
+        plan.len = n as usize;
+        plan.touch_atime = self.atime_due(&i.attrs);
+        Ok(plan)
+    }
+
     /// Reads up to `buf.len()` bytes at `offset` into `buf`; short only at
     /// EOF. Holes and unwritten extents read as zeros.
     pub fn read_buf(&self, ino: u64, offset: u64, buf: &IoBuffer<'_>) -> Result<usize> {
         let io = self.io_lock(ino);
         let _io = io.read();
-        let (n, ranges, touch) = {
-            let st = self.state.read();
-            let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
-            match i.attrs.kind {
-                Kind::File => {}
-                Kind::Dir => return Err(FsError::IsDir),
-                _ => return Err(FsError::Invalid("read of a special file")),
-            }
-            let size = i.attrs.size;
-            if offset >= size || buf.is_empty() {
-                return Ok(0);
-            }
-            let n = (size - offset).min(buf.len() as u64);
-            let end = offset + n;
-            let mut ranges = Vec::new();
-            let fb = offset / BS;
-            for r in runs(i, fb, (end - 1) / BS + 1 - fb) {
-                let (file_block, len, ext) = match r {
-                    Run::Hole { file_block, len } => (file_block, len, None),
-                    Run::Mapped { file_block, ext } => (file_block, ext.len, Some(ext)),
-                };
-                let s = offset.max(file_block * BS);
-                let e = end.min((file_block + len) * BS);
-                match ext {
-                    Some(ext) if !ext.unwritten => ranges.push(IoRange {
-                        dev_offset: ext.dev * BS + (s - file_block * BS),
-                        buf_offset: (s - offset) as usize,
-                        len: (e - s) as usize,
-                    }),
-                    _ => buf.zero((s - offset) as usize, (e - s) as usize)?,
-                }
-            }
-            (n as usize, ranges, self.atime_due(&i.attrs))
-        };
-        self.dev.submit(Direction::Read, buf, &ranges)?;
-        if touch {
+        // The state lock only while planning: zeroing touches the caller's
+        // memory (slow, or faulting) and the transfer waits on the device;
+        // neither may stall metadata operations of other users.
+        let plan = self.plan_read(&self.state.read(), ino, offset, buf.len())?;
+        for &(at, len) in &plan.zeros {
+            buf.zero(at, len)?;
+        }
+        self.dev.submit(Direction::Read, buf, &plan.ranges)?;
+        if plan.touch_atime {
             self.touch_atime(ino);
         }
-        Ok(n)
+        Ok(plan.len)
     }
 
     /// Several independent reads (a token BATCH): each `(ino, offset,
-    /// buf)` as [`Fs::read_buf`] would do it, one result per read.
+    /// buf)` with the semantics of [`Fs::read_buf`], one result per read,
+    /// in order. Every read is planned under one hold of the state lock and
+    /// every device range goes down in one [`BlockDevice::submit_many`], so
+    /// the device sees the whole batch as one queue.
     pub fn read_many(&self, reads: &[(u64, u64, &IoBuffer<'_>)]) -> Vec<Result<usize>> {
-        reads
-            .iter()
-            .map(|&(ino, offset, buf)| self.read_buf(ino, offset, buf))
-            .collect()
+        // Each io lock once (the locks are striped: two inodes may share
+        // one, and taking a read lock twice can deadlock behind a waiting
+        // writer), in index order so two batches never wait on each other.
+        let mut stripes: Vec<usize> = reads.iter().map(|r| self.io_stripe(r.0)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _io: Vec<_> = stripes.iter().map(|&s| self.io_locks[s].read()).collect();
+
+        let mut plans: Vec<Result<ReadPlan>> = {
+            let st = self.state.read();
+            reads
+                .iter()
+                .map(|&(ino, offset, buf)| self.plan_read(&st, ino, offset, buf.len()))
+                .collect()
+        };
+        for (plan, &(_, _, buf)) in plans.iter_mut().zip(reads) {
+            let zeroed = match plan {
+                Ok(p) => p.zeros.iter().try_for_each(|&(at, len)| buf.zero(at, len)),
+                Err(_) => Ok(()),
+            };
+            if let Err(e) = zeroed {
+                *plan = Err(e.into());
+            }
+        }
+
+        // One transfer per read that still has device ranges to move.
+        let mut transfers: Vec<(&IoBuffer<'_>, &[IoRange])> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for (k, (plan, &(_, _, buf))) in plans.iter().zip(reads).enumerate() {
+            if let Ok(p) = plan {
+                if !p.ranges.is_empty() {
+                    transfers.push((buf, &p.ranges));
+                    owner.push(k);
+                }
+            }
+        }
+        let outcomes = if transfers.is_empty() {
+            Vec::new()
+        } else {
+            self.dev.submit_many(Direction::Read, &transfers)
+        };
+        let mut failed: Vec<Option<FsError>> = reads.iter().map(|_| None).collect();
+        for (k, outcome) in owner.into_iter().zip(outcomes) {
+            if let Err(e) = outcome {
+                failed[k] = Some(e.into());
+            }
+        }
+
+        let mut results = Vec::with_capacity(reads.len());
+        let mut touched: Vec<u64> = Vec::new();
+        for ((plan, failure), &(ino, _, _)) in plans.into_iter().zip(failed).zip(reads) {
+            results.push(match (plan, failure) {
+                (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+                (Ok(p), None) => {
+                    if p.touch_atime {
+                        touched.push(ino);
+                    }
+                    Ok(p.len)
+                }
+            });
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for ino in touched {
+            self.touch_atime(ino);
+        }
+        results
     }
 
     /// Whether an access now should update the atime (per the mount's
@@ -356,8 +449,23 @@ impl Fs {
             .ok_or(FsError::FileTooBig)?;
         let io = self.io_lock(ino);
         let _io = io.write();
+        let (full_start, full_end) = (offset.div_ceil(BS), end / BS);
+        let (head_end, tail_start) = Self::edges(end, full_start, full_end);
+        // Partial blocks at the edges of a punch or zero range are zeroed
+        // by copy, the device I/O before the state lock (the io lock keeps
+        // the extents as they are until then). Only files have blocks.
+        let zeroed = match mode {
+            FallocMode::Allocate { .. } => Vec::new(),
+            FallocMode::PunchHole | FallocMode::ZeroRange { .. } => self.copy_zeroed(
+                ino,
+                &[(offset, head_end - offset), (tail_start, end - tail_start)],
+            )?,
+        };
         let mut st = self.state.write();
-        let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
+        let Some(i) = st.meta.get(ino) else {
+            Self::release_copies(&mut st, &zeroed);
+            return Err(FsError::NotFound);
+        };
         match i.attrs.kind {
             Kind::File => {}
             Kind::Dir => return Err(FsError::IsDir),
@@ -365,7 +473,6 @@ impl Fs {
         }
         let mut a = i.attrs.clone();
         let now = Timespec::now();
-        let (full_start, full_end) = (offset.div_ceil(BS), end / BS);
         match mode {
             FallocMode::Allocate { keep_size } => {
                 self.allocate_unwritten(&mut st, ino, offset / BS, end.div_ceil(BS))?;
@@ -374,9 +481,7 @@ impl Fs {
                 }
             }
             FallocMode::PunchHole => {
-                let (head_end, tail_start) = Self::edges(end, full_start, full_end);
-                self.zero_by_copy(&mut st, ino, offset, head_end - offset)?;
-                self.zero_by_copy(&mut st, ino, tail_start, end - tail_start)?;
+                self.remap_zeroed(&mut st, ino, zeroed)?;
                 if full_end > full_start {
                     self.log(
                         &mut st,
@@ -390,9 +495,7 @@ impl Fs {
                 a.mtime = now;
             }
             FallocMode::ZeroRange { keep_size } => {
-                let (head_end, tail_start) = Self::edges(end, full_start, full_end);
-                self.zero_by_copy(&mut st, ino, offset, head_end - offset)?;
-                self.zero_by_copy(&mut st, ino, tail_start, end - tail_start)?;
+                self.remap_zeroed(&mut st, ino, zeroed)?;
                 if full_end > full_start {
                     // Written blocks become unwritten (read as zeros) in place.
                     let i = st.meta.get(ino).unwrap();
@@ -511,5 +614,465 @@ impl Fs {
             SeekWhence::Data => Err(FsError::NoData),
             SeekWhence::Hole => Ok(size),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::blockdev::MemDevice;
+
+    const ROOT: Caller = Caller { uid: 0, gid: 0 };
+    const MISSING: u64 = 999_999;
+
+    /// A memory device that counts how reads reach it: one call per
+    /// `submit` made directly, one per `submit_many` wave.
+    struct CountingDevice {
+        inner: MemDevice,
+        direct_reads: AtomicUsize,
+        waves: AtomicUsize,
+    }
+
+    impl BlockDevice for CountingDevice {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn submit(
+            &self,
+            dir: Direction,
+            buf: &IoBuffer<'_>,
+            ranges: &[IoRange],
+        ) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            if dir == Direction::Read {
+                self.direct_reads.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.submit(dir, buf, ranges)
+        }
+        fn submit_many(
+            &self,
+            dir: Direction,
+            transfers: &[(&IoBuffer<'_>, &[IoRange])],
+        ) -> Vec<std::result::Result<(), crate::blockdev::DeviceError>> {
+            self.waves.fetch_add(1, Ordering::SeqCst);
+            transfers
+                .iter()
+                .map(|(buf, ranges)| self.inner.submit(dir, buf, ranges))
+                .collect()
+        }
+        fn flush(&self) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            self.inner.flush()
+        }
+        fn describe(&self) -> String {
+            "counting memory device".into()
+        }
+    }
+
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A mounted filesystem with files of every shape a read meets, and
+    /// what each file must read as.
+    struct Fixture {
+        fs: Arc<Fs>,
+        dev: Arc<CountingDevice>,
+        /// (ino, expected content).
+        files: Vec<(u64, Vec<u8>)>,
+        fifo: u64,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dev = Arc::new(CountingDevice {
+                inner: MemDevice::new(16 << 20),
+                direct_reads: AtomicUsize::new(0),
+                waves: AtomicUsize::new(0),
+            });
+            format(dev.as_ref(), ROOT).unwrap();
+            let opts = MountOptions {
+                commit_interval: Duration::from_secs(3600),
+                atime: AtimeMode::Strict,
+                ..MountOptions::default()
+            };
+            let fs = Fs::mount(dev.clone() as Arc<dyn BlockDevice>, opts).unwrap();
+            let mut files = Vec::new();
+            let new_file = |name: &[u8]| {
+                let (a, fh) = fs.create(ROOT, ROOT_INO, name, 0o644, true, true).unwrap();
+                fs.release(fh).unwrap();
+                a.ino
+            };
+            // Data, a two-block hole, data again, EOF inside a block, and
+            // unwritten blocks past EOF (kept size).
+            let ino = new_file(b"holey");
+            let mut want = vec![0u8; 5 * BS as usize + 7 + 5000];
+            let head = pattern(1, 3 * BS as usize);
+            let tail = pattern(2, 5000);
+            fs.write(ino, 0, &head).unwrap();
+            fs.write(ino, 5 * BS + 7, &tail).unwrap();
+            want[..head.len()].copy_from_slice(&head);
+            want[5 * BS as usize + 7..].copy_from_slice(&tail);
+            let keep = FallocMode::Allocate { keep_size: true };
+            fs.fallocate(ROOT, ino, 8 * BS, 2 * BS, keep).unwrap();
+            files.push((ino, want));
+            // Unwritten extents (read as zeros) around a little data.
+            let ino = new_file(b"unwritten");
+            let grow = FallocMode::Allocate { keep_size: false };
+            fs.fallocate(ROOT, ino, 0, 4 * BS, grow).unwrap();
+            let mid = pattern(3, 100);
+            fs.write(ino, BS + 50, &mid).unwrap();
+            let mut want = vec![0u8; 4 * BS as usize];
+            want[BS as usize + 50..BS as usize + 150].copy_from_slice(&mid);
+            files.push((ino, want));
+            // Exactly one block, and an empty file.
+            let ino = new_file(b"block");
+            let one = pattern(4, BS as usize);
+            fs.write(ino, 0, &one).unwrap();
+            files.push((ino, one));
+            files.push((new_file(b"empty"), Vec::new()));
+            let fifo = fs
+                .mknod(ROOT, ROOT_INO, b"fifo", libc::S_IFIFO | 0o644, 0)
+                .unwrap()
+                .ino;
+            Fixture {
+                fs,
+                dev,
+                files,
+                fifo,
+            }
+        }
+    }
+
+    fn outcome(r: &Result<usize>) -> std::result::Result<usize, i32> {
+        r.as_ref().map(|&n| n).map_err(|e| e.errno())
+    }
+
+    /// read_many gives, read for read, what read_buf gives (result and
+    /// every byte of the buffer), and read_buf gives the file's content.
+    #[test]
+    fn read_many_matches_read_buf_byte_for_byte() {
+        let fx = Fixture::new();
+        let mut inos: Vec<u64> = fx.files.iter().map(|f| f.0).collect();
+        inos.extend([ROOT_INO, MISSING, fx.fifo]);
+        let mut rng = pattern(42, 4096).into_iter().cycle();
+        let mut next = move |n: u64| -> u64 {
+            let r = u64::from_le_bytes(std::array::from_fn(|_| rng.next().unwrap()));
+            r % n.max(1)
+        };
+        let mut checked = 0;
+        for round in 0..150 {
+            let count = 1 + next(16) as usize;
+            let mut reads: Vec<(u64, u64, usize)> = Vec::new();
+            for _ in 0..count {
+                let ino = inos[next(inos.len() as u64) as usize];
+                // Offsets past EOF and lengths from 0 to a few blocks.
+                let offset = next(8 * BS);
+                let len = match next(4) {
+                    0 => next(16) as usize,
+                    1 => BS as usize,
+                    _ => next(4 * BS) as usize,
+                };
+                reads.push((ino, offset, len));
+            }
+            let fill = round as u8 | 0x80;
+            let mut single: Vec<Vec<u8>> = reads.iter().map(|r| vec![fill; r.2]).collect();
+            let mut batch = single.clone();
+            let single_results: Vec<_> = reads
+                .iter()
+                .zip(single.iter_mut())
+                .map(|(&(ino, off, _), b)| fx.fs.read_buf(ino, off, &IoBuffer::from_mut(b)))
+                .collect();
+            let bufs: Vec<IoBuffer<'_>> = batch.iter_mut().map(|b| IoBuffer::from_mut(b)).collect();
+            let many: Vec<(u64, u64, &IoBuffer<'_>)> = reads
+                .iter()
+                .zip(&bufs)
+                .map(|(&(ino, off, _), b)| (ino, off, b))
+                .collect();
+            let batch_results = fx.fs.read_many(&many);
+            drop(many);
+            drop(bufs);
+            assert_eq!(batch_results.len(), reads.len());
+            for (k, &(ino, off, len)) in reads.iter().enumerate() {
+                let what = format!("round {round} read {k}: ino {ino} offset {off} len {len}");
+                let got = outcome(&batch_results[k]);
+                assert_eq!(got, outcome(&single_results[k]), "{what}");
+                assert!(batch[k] == single[k], "{what}: bytes differ");
+                match fx.files.iter().find(|f| f.0 == ino) {
+                    Some((_, want)) => {
+                        let start = (off as usize).min(want.len());
+                        let end = (start + len).min(want.len());
+                        assert_eq!(got, Ok(end - start), "{what}");
+                        assert!(single[k][..end - start] == want[start..end], "{what}");
+                        assert!(
+                            single[k][end - start..].iter().all(|&b| b == fill),
+                            "{what}"
+                        );
+                        checked += 1;
+                    }
+                    None if ino == ROOT_INO => assert_eq!(got, Err(libc::EISDIR), "{what}"),
+                    None if ino == MISSING => assert_eq!(got, Err(libc::ENOENT), "{what}"),
+                    None => assert_eq!(got, Err(libc::EINVAL), "{what}"),
+                }
+            }
+        }
+        assert!(checked > 500, "only {checked} reads of files");
+        fx.fs.unmount().unwrap();
+    }
+
+    /// A batch goes to the device as one wave, whatever its files, and
+    /// updates each file's atime (strictatime) once.
+    #[test]
+    fn read_many_sends_one_wave() {
+        let fx = Fixture::new();
+        let (holey, block) = (fx.files[0].0, fx.files[2].0);
+        let mut bufs = [[0u8; 100]; 6];
+        let io: Vec<IoBuffer<'_>> = bufs.iter_mut().map(|b| IoBuffer::from_mut(b)).collect();
+        let reads = [
+            (holey, 0, &io[0]),
+            (block, 10, &io[1]),
+            (MISSING, 0, &io[2]),
+            (holey, 3 * BS + 10, &io[3]), // all hole: nothing for the device
+            (holey, 5 * BS + 7, &io[4]),
+            (block, 2000, &io[5]),
+        ];
+        let before = fx.fs.getattr(holey).unwrap().atime;
+        std::thread::sleep(Duration::from_millis(20));
+        fx.dev.direct_reads.store(0, Ordering::SeqCst);
+        let results: Vec<_> = fx.fs.read_many(&reads).iter().map(outcome).collect();
+        assert_eq!(
+            results,
+            [
+                Ok(100),
+                Ok(100),
+                Err(libc::ENOENT),
+                Ok(100),
+                Ok(100),
+                Ok(100)
+            ]
+        );
+        assert_eq!(fx.dev.waves.load(Ordering::SeqCst), 1, "one submit_many");
+        assert_eq!(
+            fx.dev.direct_reads.load(Ordering::SeqCst),
+            0,
+            "no lone submits"
+        );
+        assert!(
+            fx.fs.getattr(holey).unwrap().atime > before,
+            "atime updated"
+        );
+        drop(io);
+        assert_eq!(bufs[0][..], fx.files[0].1[..100]);
+        assert_eq!(bufs[3], [0u8; 100]);
+        assert_eq!(bufs[5][..], fx.files[2].1[2000..2100]);
+        fx.fs.unmount().unwrap();
+    }
+
+    /// Batches that name one inode (one io lock) many times, against a
+    /// writer of that inode: no deadlock (a read lock taken twice waits
+    /// behind the writer forever), and every block read is whole, never
+    /// half old, half new.
+    #[test]
+    fn read_many_with_repeated_inodes_against_a_writer() {
+        let fx = Fixture::new();
+        let ino = fx.files[2].0;
+        let fs = fx.fs.clone();
+        fs.write(ino, 0, &[0u8; BS as usize]).unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (fs, stop) = (fs.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut v = 0u8;
+                while !stop.load(Ordering::SeqCst) {
+                    v = v.wrapping_add(1);
+                    fs.write(ino, 0, &[v; BS as usize]).unwrap();
+                }
+            })
+        };
+        let reader = std::thread::spawn(move || {
+            for _ in 0..2000 {
+                let mut bufs = [[0u8; BS as usize]; 4];
+                let io: Vec<IoBuffer<'_>> =
+                    bufs.iter_mut().map(|b| IoBuffer::from_mut(b)).collect();
+                let reads: Vec<_> = io.iter().map(|b| (ino, 0, b)).collect();
+                for r in fs.read_many(&reads) {
+                    assert_eq!(r.unwrap(), BS as usize);
+                }
+                drop(reads);
+                drop(io);
+                for b in &bufs {
+                    assert!(b.iter().all(|&x| x == b[0]), "a torn block");
+                }
+            }
+            done_tx.send(()).unwrap();
+        });
+        let finished = done_rx.recv_timeout(Duration::from_secs(30));
+        stop.store(true, Ordering::SeqCst);
+        assert!(
+            !matches!(finished, Err(mpsc::RecvTimeoutError::Timeout)),
+            "read_many deadlocked against a writer"
+        );
+        reader.join().unwrap();
+        writer.join().unwrap();
+        fx.fs.unmount().unwrap();
+    }
+
+    /// A memory device whose reads, while armed, wait at a gate the test
+    /// opens: a device stuck in the middle of an operation.
+    struct GateDevice {
+        inner: MemDevice,
+        armed: AtomicBool,
+        /// (a read is waiting, the gate is open)
+        gate: parking_lot::Mutex<(bool, bool)>,
+        changed: parking_lot::Condvar,
+    }
+
+    impl GateDevice {
+        fn wait_for_read(&self, timeout: Duration) -> bool {
+            let mut g = self.gate.lock();
+            let deadline = std::time::Instant::now() + timeout;
+            while !g.0 {
+                if self.changed.wait_until(&mut g, deadline).timed_out() {
+                    return false;
+                }
+            }
+            true
+        }
+        fn open(&self) {
+            self.armed.store(false, Ordering::SeqCst);
+            let mut g = self.gate.lock();
+            *g = (false, true);
+            self.changed.notify_all();
+        }
+        fn arm(&self) {
+            *self.gate.lock() = (false, false);
+            self.armed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl BlockDevice for GateDevice {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn submit(
+            &self,
+            dir: Direction,
+            buf: &IoBuffer<'_>,
+            ranges: &[IoRange],
+        ) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            if dir == Direction::Read && self.armed.load(Ordering::SeqCst) {
+                let mut g = self.gate.lock();
+                g.0 = true;
+                self.changed.notify_all();
+                while !g.1 {
+                    self.changed.wait(&mut g);
+                }
+            }
+            self.inner.submit(dir, buf, ranges)
+        }
+        fn flush(&self) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            self.inner.flush()
+        }
+        fn describe(&self) -> String {
+            "gated memory device".into()
+        }
+    }
+
+    /// Truncation to mid-block and a punch hole zero partial blocks by
+    /// copy, which reads the device: while that read is stuck, metadata
+    /// operations of other files (stat, create) still go through, and the
+    /// result is right once the read completes.
+    #[test]
+    fn zeroing_by_copy_holds_no_state_lock_across_device_io() {
+        let dev = Arc::new(GateDevice {
+            inner: MemDevice::new(16 << 20),
+            armed: AtomicBool::new(false),
+            gate: parking_lot::Mutex::new((false, true)),
+            changed: parking_lot::Condvar::new(),
+        });
+        format(dev.as_ref(), ROOT).unwrap();
+        let opts = MountOptions {
+            commit_interval: Duration::from_secs(3600),
+            ..MountOptions::default()
+        };
+        let fs = Fs::mount(dev.clone() as Arc<dyn BlockDevice>, opts).unwrap();
+        let (a, fh) = fs.create(ROOT, ROOT_INO, b"f", 0o644, true, true).unwrap();
+        fs.release(fh).unwrap();
+        let data = pattern(5, 3 * BS as usize);
+        fs.write(a.ino, 0, &data).unwrap();
+        let punch = FallocMode::PunchHole;
+        type Op = Box<dyn FnOnce(&Fs, u64) -> Result<()> + Send>;
+        let ops: [(&str, Op); 2] = [
+            (
+                "punch",
+                Box::new(move |fs, ino| fs.fallocate(ROOT, ino, BS + 10, 100, punch)),
+            ),
+            (
+                "truncate",
+                Box::new(|fs, ino| {
+                    let set = SetAttr {
+                        size: Some(2 * BS + 7),
+                        ..SetAttr::default()
+                    };
+                    fs.setattr(ino, &set).map(|_| ())
+                }),
+            ),
+        ];
+        for (k, (what, op)) in ops.into_iter().enumerate() {
+            dev.arm();
+            let worker = {
+                let fs = fs.clone();
+                std::thread::spawn(move || op(&fs, a.ino))
+            };
+            assert!(
+                dev.wait_for_read(Duration::from_secs(10)),
+                "{what}: no device read"
+            );
+            let (tx, rx) = mpsc::channel();
+            let other = {
+                let fs = fs.clone();
+                std::thread::spawn(move || {
+                    let name = format!("other{k}");
+                    let r = fs.getattr(ROOT_INO).and_then(|_| {
+                        fs.create(ROOT, ROOT_INO, name.as_bytes(), 0o644, true, false)
+                    });
+                    tx.send(r.map(|(_, fh)| fh)).unwrap();
+                })
+            };
+            let served = rx.recv_timeout(Duration::from_secs(3));
+            dev.open();
+            worker.join().unwrap().unwrap();
+            other.join().unwrap();
+            let fh = served
+                .unwrap_or_else(|_| panic!("{what}: stat and create waited for the device"))
+                .unwrap();
+            fs.release(fh).unwrap();
+        }
+        let mut want = data.clone();
+        want[BS as usize + 10..BS as usize + 110].fill(0);
+        want.truncate(2 * BS as usize + 7);
+        assert!(fs.read(a.ino, 0, 3 * BS as usize).unwrap()[..] == want[..]);
+        // The block cut by the truncation reads zeros past the new end.
+        let grow = SetAttr {
+            size: Some(3 * BS),
+            ..SetAttr::default()
+        };
+        fs.setattr(a.ino, &grow).unwrap();
+        want.resize(3 * BS as usize, 0);
+        assert!(fs.read(a.ino, 0, 3 * BS as usize).unwrap()[..] == want[..]);
+        fs.unmount().unwrap();
+        let report = check::fsck(dev.as_ref(), false).unwrap();
+        assert!(report.remaining.is_empty(), "{:?}", report.remaining);
     }
 }

@@ -14,8 +14,10 @@
 //! data path, `xattr` extended attributes, `meta` the in-memory metadata,
 //! `alloc` free space, `check` fsck.
 //!
-//! Locking: `state` (metadata) is held briefly; file data moves under the
-//! inode's own `io` lock only, so a slow transfer never blocks `ls`.
+//! Locking: `state` (metadata) is held briefly, never across data I/O or
+//! access to a caller's memory (zeroing holes, copies); file data moves
+//! under the inode's own `io` lock only, so a slow transfer or a faulting
+//! buffer never blocks `ls`.
 //! Order: inode io lock, then `sync_lock`, then `state`, then `journal`.
 
 mod alloc;
@@ -198,6 +200,14 @@ struct NewNode {
     kind: Kind,
     mode: u32,
     rdev: u32,
+}
+
+/// A written block copied to a new block with part of it zeroed, not yet
+/// mapped (see `Fs::copy_zeroed`).
+struct ZeroedCopy {
+    file_block: u64,
+    old_dev: u64,
+    new_dev: u64,
 }
 
 struct State {
