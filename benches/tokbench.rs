@@ -13,6 +13,7 @@
 //!                   [--span B] [--block 4096] [--daemon-pid P]
 //! tokbench meta     --dir D --count N [--tree] [--dirs K] [--keep] [--daemon-pid P]
 //! tokbench tokens   --file F --count N [--buf-size 64K] [--daemon-pid P]
+//!                   (stops at a token quota, EDQUOT: quota_hit_at=I)
 //! tokbench rwcheck  --file F --secs S [--size 4M] [--op-size 64K] [--udmabuf]
 //!                   [--ops N] [--after PATH]
 //! ```
@@ -888,6 +889,9 @@ fn tokens(a: &Args) -> Res<String> {
     let mut toks = Vec::with_capacity(count);
     let t = Instant::now();
     let mut err = String::new();
+    // A token quota (EDQUOT) ends the loop without failing: memory is then
+    // measured for as many tokens as one open file may hold.
+    let mut quota = String::new();
     for i in 0..count {
         let b = match sealed_memfd("tokbench-tok", buf_size) {
             Ok(b) => b,
@@ -898,6 +902,10 @@ fn tokens(a: &Args) -> Res<String> {
         };
         match f.register(&b, 0, 0) {
             Ok(tk) => toks.push(tk),
+            Err(e) if e.raw_os_error() == Some(libc::EDQUOT) => {
+                quota = format!(" quota_hit_at={i}");
+                break;
+            }
             Err(e) => {
                 err = format!(" error=REGISTER_{i}:{}", e.raw_os_error().unwrap_or(0));
                 break;
@@ -907,7 +915,7 @@ fn tokens(a: &Args) -> Res<String> {
     }
     let secs = t.elapsed().as_secs_f64();
     let mut line = format!(
-        "tokens={} secs={secs:.4} register_us={:.1}{err}",
+        "tokens={} secs={secs:.4} register_us={:.1}{quota}{err}",
         toks.len(),
         secs * 1e6 / toks.len().max(1) as f64
     );
