@@ -6,12 +6,16 @@
 //! ```text
 //! tokbench seqread  --file F --op-size 1M --mode token|readcopy|direct|pread|fixed
 //!                   [--bytes B] [--offset O] [--buf B] [--daemon-pid P] [--udmabuf]
+//!                   [--verify REF]
 //! tokbench seqwrite --file F --bytes B --op-size 1M --mode token|write|direct
 //!                   [--buf B] [--daemon-pid P]            (fsync included)
 //! tokbench randread --file F --threads N --batch K --secs S
 //!                   [--span B] [--block 4096] [--daemon-pid P]
 //! tokbench meta     --dir D --count N [--tree] [--dirs K] [--keep] [--daemon-pid P]
 //! tokbench tokens   --file F --count N [--buf-size 64K] [--daemon-pid P]
+//!                   (stops at a token quota, EDQUOT: quota_hit_at=I)
+//! tokbench rwcheck  --file F --secs S [--size 4M] [--op-size 64K] [--udmabuf]
+//!                   [--ops N] [--after PATH]
 //! ```
 //!
 //! Modes: `token` = token READ/WRITE ioctls into/out of a registered sealed
@@ -25,6 +29,20 @@
 //! memfd (a real dmabuf; needs /dev/udmabuf). Client CPU comes from getrusage(RUSAGE_SELF); daemon
 //! CPU (`--daemon-pid`) from utime+stime in /proc/PID/stat, both over the
 //! timed window only.
+//!
+//! `seqread --verify REF` compares every byte each op moved with REF read
+//! at the same offset (plain pread, outside the timed window: a completion
+//! is not proof that data landed). `randread` reports daemon and client CPU
+//! per op (`dcpu_us_op`, `ccpu_us_op`) besides their sum (`cpu_us_op`).
+//! `rwcheck` is not a benchmark but a checker for fault injection (NVMe
+//! resets in `scripts/vm/init`): token WRITEs of fresh known data then token
+//! READs of the same range, aligned and unaligned, for S seconds; every READ
+//! is compared with what the file must hold, and at the end the whole file
+//! is compared through plain read(). Each op counts as ok, failed cleanly
+//! (an errno) or wrong (success with wrong or missing bytes); the exit
+//! status is non-zero when anything was wrong. With `--after PATH`, ops that
+//! start once PATH exists (the fault is over) are also counted apart
+//! (`after_*`): the same token must keep working.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -52,7 +70,7 @@ fn main() -> ExitCode {
     // `cargo bench` appends --bench; ignore it.
     let argv: Vec<String> = argv.into_iter().filter(|a| a != "--bench").collect();
     let Some((cmd, rest)) = argv.split_first() else {
-        eprintln!("usage: tokbench seqread|seqwrite|randread|meta|tokens --help");
+        eprintln!("usage: tokbench seqread|seqwrite|randread|meta|tokens|rwcheck --help");
         return ExitCode::from(2);
     };
     let r = Args::parse(rest).and_then(|a| match cmd.as_str() {
@@ -61,6 +79,7 @@ fn main() -> ExitCode {
         "randread" => randread(&a),
         "meta" => meta(&a),
         "tokens" => tokens(&a),
+        "rwcheck" => rwcheck(&a),
         "-h" | "--help" | "help" => {
             println!("see the header of benches/tokbench.rs for the subcommands");
             Ok(String::new())
@@ -200,6 +219,9 @@ struct Window {
     start: Instant,
     cpu0: (f64, f64),
     d0: f64,
+    /// Wall and client (user, sys) seconds spent in `exclude` (checks that
+    /// are not part of what is measured; the daemon idles meanwhile).
+    excluded: (f64, f64, f64),
 }
 
 struct Measured {
@@ -216,18 +238,31 @@ impl Window {
             pid,
             cpu0: self_cpu(),
             d0,
+            excluded: (0.0, 0.0, 0.0),
             start: Instant::now(),
         })
     }
 
+    /// Runs `f` with the clock and the client's CPU stopped.
+    fn exclude<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let (u0, s0) = self_cpu();
+        let r = f();
+        let (u1, s1) = self_cpu();
+        self.excluded.0 += t.elapsed().as_secs_f64();
+        self.excluded.1 += u1 - u0;
+        self.excluded.2 += s1 - s0;
+        r
+    }
+
     fn stop(self) -> Res<Measured> {
-        let secs = self.start.elapsed().as_secs_f64();
+        let secs = self.start.elapsed().as_secs_f64() - self.excluded.0;
         let (u, s) = self_cpu();
         let d = self.pid.map(proc_cpu).transpose()?.unwrap_or(0.0);
         Ok(Measured {
             secs,
-            user: u - self.cpu0.0,
-            sys: s - self.cpu0.1,
+            user: (u - self.cpu0.0 - self.excluded.1).max(0.0),
+            sys: (s - self.cpu0.1 - self.excluded.2).max(0.0),
             dcpu: d - self.d0,
         })
     }
@@ -335,6 +370,62 @@ fn op_plan(a: &Args) -> Res<(u64, u64)> {
     Ok((op, buf))
 }
 
+// ----- verification ----------------------------------------------------------
+
+/// `--verify REF`: compares the bytes each op put in the buffer with REF at
+/// the same offset, before the buffer wraps round and overwrites them.
+struct Verifier {
+    reference: File,
+    name: String,
+    scratch: Vec<u8>,
+    /// Bytes of the stream (from `--offset`) already compared.
+    checked: u64,
+}
+
+impl Verifier {
+    fn from_args(a: &Args) -> Res<Option<Self>> {
+        let Some(p) = a.get("verify") else {
+            return Ok(None);
+        };
+        let reference = File::open(p).map_err(|e| format!("--verify {p}: {e}"))?;
+        Ok(Some(Self {
+            reference,
+            name: p.to_string(),
+            scratch: vec![0; 1 << 20],
+            checked: 0,
+        }))
+    }
+
+    /// Compares stream bytes [checked, done): stream byte x sits at buffer
+    /// offset x % buf_len and at file offset `offset + x`.
+    fn catch_up(&mut self, buf: &MemBuf, buf_len: u64, offset: u64, done: u64) -> Res<()> {
+        while self.checked < done {
+            let boff = self.checked % buf_len;
+            let len = (done - self.checked)
+                .min(buf_len - boff)
+                .min(self.scratch.len() as u64) as usize;
+            let at = offset + self.checked;
+            self.reference
+                .read_exact_at(&mut self.scratch[..len], at)
+                .map_err(|e| format!("--verify: reading {} at {at}: {e}", self.name))?;
+            let got = buf.slice(boff as usize, len);
+            if let Some(i) = got
+                .iter()
+                .zip(&self.scratch[..len])
+                .position(|(x, y)| x != y)
+            {
+                return Err(format!(
+                    "--verify: byte {} differs from {} (the op reported success)",
+                    at + i as u64,
+                    self.name
+                ));
+            }
+            self.checked += len as u64;
+        }
+        Ok(())
+    }
+}
+
 // ----- seqread ---------------------------------------------------------------
 
 fn seqread(a: &Args) -> Res<String> {
@@ -362,6 +453,20 @@ fn seqread(a: &Args) -> Res<String> {
         .then(|| udmabuf_from_memfd(&buf.file).map_err(|e| format!("udmabuf: {e}")))
         .transpose()?;
     let pid = a.pid()?;
+    let mut verifier = Verifier::from_args(a)?;
+    if verifier.is_some() && !matches!(mode, "token" | "fixed") {
+        return Err("--verify works with --mode token and fixed".into());
+    }
+    // Compares what the ops moved so far once the buffer is full (before it
+    // wraps) and at the end, with the clock stopped.
+    let mut verify = |w: &mut Window, done: u64| -> Res<()> {
+        match &mut verifier {
+            Some(v) if done % buf_len == 0 || done >= bytes => {
+                w.exclude(|| v.catch_up(&buf, buf_len, offset, done))
+            }
+            _ => Ok(()),
+        }
+    };
     let mut done = 0u64;
     let m = match mode {
         "token" => {
@@ -371,7 +476,7 @@ fn seqread(a: &Args) -> Res<String> {
                 None => f.register(&buf.file, 0, 0),
             }
             .map_err(|e| format!("REGISTER: {e}"))?;
-            let w = Window::start(pid)?;
+            let mut w = Window::start(pid)?;
             while done < bytes {
                 let len = op.min(bytes - done);
                 let boff = done % buf_len;
@@ -382,6 +487,7 @@ fn seqread(a: &Args) -> Res<String> {
                     return Err(format!("READ hit EOF at {}", offset + done));
                 }
                 done += n;
+                verify(&mut w, done)?;
             }
             w.stop()?
         }
@@ -400,7 +506,7 @@ fn seqread(a: &Args) -> Res<String> {
             .map_err(|e| format!("registering the buffer: {e}"))?;
             let base = if dmabuf.is_some() { 0 } else { buf.ptr as u64 };
             let io_buf = IoBuffer::from_mut(buf.slice_mut(0, buf.len)).with_fixed(&fixed, base);
-            let w = Window::start(pid)?;
+            let mut w = Window::start(pid)?;
             while done < bytes {
                 let len = op.min(bytes - done) as usize;
                 let boff = (done % buf_len) as usize;
@@ -412,6 +518,7 @@ fn seqread(a: &Args) -> Res<String> {
                 dev.submit(Direction::Read, &io_buf, &[r])
                     .map_err(|e| format!("READ_FIXED at {}: {e}", offset + done))?;
                 done += len as u64;
+                verify(&mut w, done)?;
             }
             w.stop()?
         }
@@ -472,7 +579,11 @@ fn seqread(a: &Args) -> Res<String> {
             ))
         }
     };
-    Ok(format!("mode={mode} op={op} {}", throughput_line(done, &m)))
+    let verified = verifier.map_or(0, |v| v.checked);
+    Ok(format!(
+        "mode={mode} op={op} {} verified_bytes={verified}",
+        throughput_line(done, &m)
+    ))
 }
 
 // ----- seqwrite --------------------------------------------------------------
@@ -649,7 +760,7 @@ fn randread(a: &Args) -> Res<String> {
     }
     lat.sort_unstable();
     Ok(format!(
-        "threads={threads} batch={batch} ops={total} calls={} secs={:.3} iops={:.0} p50_us={:.1} p99_us={:.1} lat={} cpu_us_op={:.2} user={:.3} sys={:.3} dcpu={:.3}",
+        "threads={threads} batch={batch} ops={total} calls={} secs={:.3} iops={:.0} p50_us={:.1} p99_us={:.1} lat={} cpu_us_op={:.2} dcpu_us_op={:.2} ccpu_us_op={:.2} user={:.3} sys={:.3} dcpu={:.3}",
         lat.len(),
         m.secs,
         total as f64 / m.secs,
@@ -657,6 +768,8 @@ fn randread(a: &Args) -> Res<String> {
         percentile(&lat, 0.99) / 1e3,
         if batch == 1 { "per-op" } else { "per-call" },
         (m.user + m.sys + m.dcpu) * 1e6 / total.max(1) as f64,
+        m.dcpu * 1e6 / total.max(1) as f64,
+        (m.user + m.sys) * 1e6 / total.max(1) as f64,
         m.user,
         m.sys,
         m.dcpu
@@ -776,6 +889,9 @@ fn tokens(a: &Args) -> Res<String> {
     let mut toks = Vec::with_capacity(count);
     let t = Instant::now();
     let mut err = String::new();
+    // A token quota (EDQUOT) ends the loop without failing: memory is then
+    // measured for as many tokens as one open file may hold.
+    let mut quota = String::new();
     for i in 0..count {
         let b = match sealed_memfd("tokbench-tok", buf_size) {
             Ok(b) => b,
@@ -786,6 +902,10 @@ fn tokens(a: &Args) -> Res<String> {
         };
         match f.register(&b, 0, 0) {
             Ok(tk) => toks.push(tk),
+            Err(e) if e.raw_os_error() == Some(libc::EDQUOT) => {
+                quota = format!(" quota_hit_at={i}");
+                break;
+            }
             Err(e) => {
                 err = format!(" error=REGISTER_{i}:{}", e.raw_os_error().unwrap_or(0));
                 break;
@@ -795,7 +915,7 @@ fn tokens(a: &Args) -> Res<String> {
     }
     let secs = t.elapsed().as_secs_f64();
     let mut line = format!(
-        "tokens={} secs={secs:.4} register_us={:.1}{err}",
+        "tokens={} secs={secs:.4} register_us={:.1}{quota}{err}",
         toks.len(),
         secs * 1e6 / toks.len().max(1) as f64
     );
@@ -810,6 +930,236 @@ fn tokens(a: &Args) -> Res<String> {
     if !err.is_empty() {
         println!("{line}");
         return Err(format!("registration stopped early:{err}"));
+    }
+    Ok(line)
+}
+
+// ----- rwcheck ---------------------------------------------------------------
+
+/// A short name for the errnos token I/O can fail with.
+fn errno_name(e: &io::Error) -> String {
+    let n = e.raw_os_error().unwrap_or(0);
+    let name = match n {
+        libc::EIO => "EIO",
+        libc::ENOENT => "ENOENT",
+        libc::EFAULT => "EFAULT",
+        libc::EINVAL => "EINVAL",
+        libc::ENOMEM => "ENOMEM",
+        libc::EAGAIN => "EAGAIN",
+        libc::EINTR => "EINTR",
+        libc::EBADF => "EBADF",
+        libc::ENODEV => "ENODEV",
+        libc::ENXIO => "ENXIO",
+        libc::ENOSPC => "ENOSPC",
+        libc::EDQUOT => "EDQUOT",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        _ => return format!("errno{n}"),
+    };
+    name.to_string()
+}
+
+/// Outcome counts of `rwcheck`.
+#[derive(Default)]
+struct Outcomes {
+    ok: u64,
+    failed: u64,
+    wrong: u64,
+    errnos: std::collections::BTreeMap<String, u64>,
+    first_wrong: Option<String>,
+    compared: u64,
+}
+
+impl Outcomes {
+    fn fail(&mut self, e: &io::Error) {
+        self.failed += 1;
+        *self.errnos.entry(errno_name(e)).or_default() += 1;
+    }
+
+    fn wrong(&mut self, what: String) {
+        self.wrong += 1;
+        self.first_wrong.get_or_insert(what);
+    }
+}
+
+fn rwcheck(a: &Args) -> Res<String> {
+    let path = a.path("file")?;
+    let size = a.size("size", Some(4 << 20))?;
+    let op = a.size("op-size", Some(64 << 10))?;
+    if op < 8192 || op % 4096 != 0 || op > size {
+        return Err(
+            "--op-size must be a multiple of 4096, at least 8192 and at most --size".into(),
+        );
+    }
+    let secs: f64 = a
+        .get("secs")
+        .unwrap_or("3")
+        .parse()
+        .map_err(|_| "bad --secs")?;
+    let max_ops = a.size("ops", Some(u64::MAX))?;
+    // The file starts with known data, written through plain write().
+    let mut expected = vec![0u8; size as usize];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut fill = |dst: &mut [u8]| {
+        for b in dst.iter_mut() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            *b = rng as u8;
+        }
+    };
+    fill(&mut expected);
+    let mut known = vec![true; size as usize];
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(&expected)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    // Buffer: the WRITE source at 0, the READ destination at `slot`.
+    let slot = op as usize;
+    let buf = MemBuf::new("tokbench-rwcheck", 2 * op)?;
+    let dmabuf = a
+        .flag("udmabuf")
+        .then(|| udmabuf_from_memfd(&buf.file).map_err(|e| format!("udmabuf: {e}")))
+        .transpose()?;
+    let tf = TokenFile::from_file(f);
+    let token = match &dmabuf {
+        Some(d) => tf.register(d, 0, 0),
+        None => tf.register(&buf.file, 0, 0),
+    }
+    .map_err(|e| format!("REGISTER: {e}"))?;
+    let mut out = Outcomes::default();
+    let after_marker = a.get("after").map(PathBuf::from);
+    // Counts of the ops started once the marker exists.
+    let mut after = Outcomes::default();
+    let mut max_op = Duration::ZERO;
+    let mut timed = |r: &dyn Fn() -> io::Result<u64>| {
+        let t = Instant::now();
+        let v = r();
+        max_op = max_op.max(t.elapsed());
+        v
+    };
+    // The caller (scripts/vm/init) waits for this line to inject faults.
+    eprintln!("rwcheck: loop started");
+    let start = Instant::now();
+    let mut i = 0u64;
+    while i < max_ops && start.elapsed().as_secs_f64() < secs {
+        // Even rounds: whole aligned blocks; odd rounds: an unaligned range
+        // (heads and tails through the bounce path).
+        let blocks = size / 4096;
+        let first = (i.wrapping_mul(0x9e37_79b9) % blocks) * 4096;
+        let (off, len) = if i % 2 == 0 {
+            (first, op.min(size - first))
+        } else {
+            let off = first + 1 + (i % 4000);
+            (off, (op - 4096 - 3 * (i % 7)).min(size.saturating_sub(off)))
+        };
+        if len == 0 {
+            i += 1;
+            continue;
+        }
+        let (o, l) = (off as usize, len as usize);
+        let phase_after = after_marker.as_deref().is_some_and(Path::exists);
+        let (ok0, failed0, wrong0) = (out.ok, out.failed, out.wrong);
+        fill(buf.slice_mut(0, l));
+        match timed(&|| token.write(off, 0, len)) {
+            Ok(n) if n == len => {
+                out.ok += 1;
+                expected[o..o + l].copy_from_slice(buf.slice(0, l));
+                known[o..o + l].fill(true);
+            }
+            Ok(n) => {
+                out.wrong(format!("WRITE of {len} at {off} moved {n}"));
+                known[o..o + l].fill(false);
+            }
+            Err(e) => {
+                // The range now holds old or new bytes or a mix.
+                out.fail(&e);
+                known[o..o + l].fill(false);
+            }
+        }
+        // Poison: every byte differs from what must land.
+        for (d, e) in buf.slice_mut(slot, l).iter_mut().zip(&expected[o..o + l]) {
+            *d = !*e;
+        }
+        match timed(&|| token.read(off, slot as u64, len)) {
+            Ok(n) if n == len => {
+                let got = buf.slice(slot, l);
+                let bad = (0..l).find(|&k| known[o + k] && got[k] != expected[o + k]);
+                out.compared += known[o..o + l].iter().filter(|&&k| k).count() as u64;
+                match bad {
+                    Some(k) => out.wrong(format!(
+                        "READ of {len} at {off}: byte {} wrong",
+                        off + k as u64
+                    )),
+                    None => out.ok += 1,
+                }
+            }
+            Ok(n) => out.wrong(format!("READ of {len} at {off} moved {n}")),
+            Err(e) => out.fail(&e),
+        }
+        if phase_after {
+            after.ok += out.ok - ok0;
+            after.failed += out.failed - failed0;
+            after.wrong += out.wrong - wrong0;
+        }
+        i += 1;
+    }
+    let loop_secs = start.elapsed().as_secs_f64();
+    // Everything the token ops said they wrote must be in the file, as
+    // plain read() sees it.
+    let mut content = vec![0u8; size as usize];
+    let mut final_mismatch = 0u64;
+    match tf.file().read_exact_at(&mut content, 0) {
+        Ok(()) => {
+            for k in 0..size as usize {
+                if known[k] && content[k] != expected[k] {
+                    if final_mismatch == 0 {
+                        out.first_wrong
+                            .get_or_insert(format!("read() of the file: byte {k} wrong"));
+                    }
+                    final_mismatch += 1;
+                }
+            }
+        }
+        Err(e) => out.fail(&e),
+    }
+    drop(token);
+    let errnos: Vec<String> = out.errnos.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    let after_counts = if after_marker.is_some() {
+        format!(
+            " after_ops={} after_ok={} after_failed={} after_wrong={}",
+            after.ok + after.failed + after.wrong,
+            after.ok,
+            after.failed,
+            after.wrong
+        )
+    } else {
+        String::new()
+    };
+    let line = format!(
+        "ops={} ok={} failed={} wrong={} final_mismatch_bytes={final_mismatch} errnos={} compared_bytes={} max_op_ms={:.0} secs={loop_secs:.2}{after_counts}{}",
+        out.ok + out.failed + out.wrong,
+        out.ok,
+        out.failed,
+        out.wrong,
+        if errnos.is_empty() { "none".to_string() } else { errnos.join(",") },
+        out.compared,
+        max_op.as_secs_f64() * 1e3,
+        out.first_wrong
+            .as_deref()
+            .map(|w| format!(" first_wrong=\"{w}\""))
+            .unwrap_or_default(),
+    );
+    if out.wrong > 0 || final_mismatch > 0 {
+        println!("{line}");
+        return Err("wrong bytes after a successful op".into());
     }
     Ok(line)
 }
