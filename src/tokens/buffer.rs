@@ -402,7 +402,9 @@ fn classify(fd: &OwnedFd) -> Result<BufKind, TokenError> {
             "buf_fd is neither a dmabuf nor a memfd",
         ));
     }
-    if seals & libc::F_SEAL_SHRINK == 0 && !std::env::var_os(ALLOW_UNSEALED_ENV).is_some_and(|v| v == "1") {
+    if seals & libc::F_SEAL_SHRINK == 0
+        && std::env::var_os(ALLOW_UNSEALED_ENV).is_none_or(|v| v != "1")
+    {
         return Err(TokenError::Invalid(
             "memfd is not sealed with F_SEAL_SHRINK",
         ));

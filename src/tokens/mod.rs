@@ -807,7 +807,9 @@ fn io_buffer<'a>(
     let len = req.len as usize;
     if let (false, Some(f)) = (cpu, fixed) {
         // A dmabuf is addressed by the offset inside it.
-        return Ok(IoBuffer::without_cpu_mapping(len, buf.writable, f, at as u64).with_tally(tally));
+        return Ok(
+            IoBuffer::without_cpu_mapping(len, buf.writable, f, at as u64).with_tally(tally),
+        );
     }
     let base = buf.ptr().ok_or(TokenError::Invalid(
         "the range needs CPU access (unaligned, a hole, EOF) to a buffer that cannot be mapped",
