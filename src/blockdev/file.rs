@@ -1067,6 +1067,9 @@ mod hardening_tests {
             "in-flight reads landed before the call returned"
         );
         assert_eq!(rings.counters.replaced.load(Ordering::Relaxed), 3);
+        // Retired rings hold no registrations: they would keep memfd
+        // windows pinned and dmabufs attached after UNREGISTER.
+        assert_eq!(rings.retired_rings_holding_buffers(), 0);
         // Every ring of the pool (replacements included, whose tables
         // got the live slots again) moves the right bytes.
         for i in 0..2 * RINGS_IN_POOL {

@@ -44,14 +44,16 @@ const IORING_REGISTER_BUFFERS_UPDATE: libc::c_uint = 16;
 const IORING_RSRC_UPDATE_EXTENDED: u32 = 1 << 1;
 const IO_REGBUF_TYPE_DMABUF: u32 = 2;
 
-/// Rings in a pool: enough for the FUSE threads and BATCH workers to
-/// keep the device queue busy without waiting for each other.
+/// Rings in a pool: enough for the FUSE threads to keep the device queue
+/// busy without waiting for each other.
 const RINGS: usize = 4;
 /// Submission queue depth of each ring: a 128-op BATCH, even with a few
 /// ops split at the SQE length limit, goes down in one submission.
 const RING_DEPTH: u32 = 256;
-/// Slots in each ring's buffer table: the most buffers registered at once.
-const SLOTS: u32 = 1024;
+/// Slots in each ring's buffer table: the most buffers registered at once
+/// on a mount (the kernel's limit, `IORING_MAX_REG_BUFFERS`), so that
+/// several users at their token quota still fit.
+const SLOTS: u32 = 1 << 14;
 /// The largest piece one SQE carries (`len` is 32 bits).
 const MAX_SQE_LEN: usize = 64 << 20;
 /// `io_uring_register` refuses user buffers above this.
@@ -437,12 +439,29 @@ impl Rings {
     fn poison(&self, index: usize, ring: &mut Ring, why: &io::Error) {
         log::warn!("io_uring ring {index} could not be drained ({why}); replacing it");
         if let Some(old) = ring.uring.take() {
+            // Nothing of it is in flight any more (the wave settled); its
+            // buffer table would keep every memfd window pinned and every
+            // dmabuf attached after UNREGISTER, so it is emptied now.
+            if let Err(e) = old.submitter().unregister_buffers() {
+                log::warn!("emptying the buffer table of retired ring {index}: {e}");
+            }
             self.graveyard.lock().push(old);
         }
         self.counters.replaced.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.revive(index, ring) {
             log::warn!("replacing io_uring ring {index}: {e} (will retry)");
         }
+    }
+
+    /// Retired rings whose buffer table is still there (emptying it
+    /// again succeeds only then).
+    #[cfg(test)]
+    pub(super) fn retired_rings_holding_buffers(&self) -> usize {
+        self.graveyard
+            .lock()
+            .iter()
+            .filter(|r| r.submitter().unregister_buffers().is_ok())
+            .count()
     }
 
     /// Makes a ring for slot `index` of the pool if it has none.
@@ -465,7 +484,7 @@ impl Rings {
     /// result per tag (`0..tags`): the first error of any of its ops.
     /// No op of this call is left in flight on a ring that is used again;
     /// when a ring breaks, the ops the kernel already took are waited for
-    /// (polling its completion queue, up to [`SETTLE_TIMEOUT`]) so they do
+    /// (polling its completion queue, for as long as it takes) so they do
     /// not land in the caller's memory after the call returned.
     ///
     /// Ops on dmabufs are issued with `IOSQE_ASYNC`. In v3 an inline issue
@@ -788,13 +807,26 @@ impl Rings {
         let n = self.rings.len();
         (0..n).find_map(|i| {
             let at = (start + i) % n;
-            self.rings[at].try_lock().map(|g| (at, g))
+            self.rings[at]
+                .try_lock()
+                .filter(|g| g.uring.is_some())
+                .map(|g| (at, g))
         })
     }
 
-    /// The next ring in turn, waiting for it.
+    /// The next ring in turn, waiting for it; a ring that is gone and
+    /// cannot be made again is passed over while another one works.
     fn pick(&self) -> (usize, parking_lot::MutexGuard<'_, Ring>) {
-        let at = self.next.fetch_add(1, Ordering::Relaxed) % self.rings.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.rings.len();
+        for i in 0..n {
+            let at = (start + i) % n;
+            let mut ring = self.rings[at].lock();
+            if self.revive(at, &mut ring).is_ok() {
+                return (at, ring);
+            }
+        }
+        let at = start % n;
         (at, self.rings[at].lock())
     }
 }
@@ -834,9 +866,8 @@ impl RingOp {
     }
 }
 
-/// How long a broken ring's in-flight ops get to complete before a call
-/// returns without them.
-const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a wait for a broken ring's in-flight ops says it still waits.
+const SETTLE_REPORT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// On a ring that cannot be entered any more: waits, by polling its
 /// completion queue (the kernel posts there without being entered), for
@@ -849,7 +880,10 @@ fn settle(
     in_flight: usize,
     live: &mut [Option<(RingOp, bool)>],
 ) {
-    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
+    // Never give up: an op still in flight would write into memory the
+    // caller may free once this returns (an NVMe reset can hold I/O for
+    // the whole 30 s timeout and more).
+    let mut report = std::time::Instant::now() + SETTLE_REPORT;
     let mut left = in_flight;
     while left > 0 {
         for cqe in uring.completion() {
@@ -863,10 +897,11 @@ fn settle(
         if left == 0 {
             break;
         }
-        if std::time::Instant::now() >= deadline {
-            log::error!("io_uring: {left} op(s) still in flight on a retired ring");
-            break;
+        if std::time::Instant::now() >= report {
+            log::error!("io_uring: still waiting for {left} op(s) in flight on a retired ring");
+            report += SETTLE_REPORT;
         }
+        // A syscall: completions posted as task work run on the way back.
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }

@@ -164,7 +164,19 @@ mod imp {
         unsafe { std::mem::zeroed() }
     }
 
-    extern "C" fn on_fault(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo.
+        let code = unsafe { (*info).si_code };
+        if code <= 0 {
+            // Sent (kill, tgkill, sigqueue), not a fault, even if it
+            // arrives during a copy: put back the old disposition and send
+            // it again, so that it acts as it would have without us.
+            restore(sig);
+            // SAFETY: raise is async-signal-safe; the signal stays blocked
+            // until this handler returns, then meets the old disposition.
+            unsafe { libc::raise(sig) };
+            return;
+        }
         let ctx = ctx.cast::<libc::ucontext_t>();
         // SAFETY: with SA_SIGINFO the kernel passes the interrupted
         // thread's ucontext, which the handler may read and change.
@@ -178,19 +190,22 @@ mod imp {
         };
         match fixup {
             Some(at) => *rip = at as libc::greg_t,
-            None => {
-                // Not ours: put back what was there and return; the
-                // instruction faults again and meets the old disposition.
-                let i = SIGNALS.iter().position(|&s| s == sig).unwrap_or(0);
-                if let Some(prev) = PREVIOUS.get() {
-                    // SAFETY: sigaction is async-signal-safe.
-                    unsafe { libc::sigaction(sig, &prev[i], std::ptr::null_mut()) };
-                } else {
-                    let dfl = empty_sigaction();
-                    // SAFETY: as above.
-                    unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
-                }
-            }
+            // Not ours: put back what was there and return; the
+            // instruction faults again and meets the old disposition.
+            None => restore(sig),
+        }
+    }
+
+    /// Puts back the disposition `sig` had before the guard (async-signal-safe).
+    fn restore(sig: libc::c_int) {
+        let i = SIGNALS.iter().position(|&s| s == sig).unwrap_or(0);
+        if let Some(prev) = PREVIOUS.get() {
+            // SAFETY: sigaction is async-signal-safe.
+            unsafe { libc::sigaction(sig, &prev[i], std::ptr::null_mut()) };
+        } else {
+            let dfl = empty_sigaction();
+            // SAFETY: as above.
+            unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
         }
     }
 }

@@ -224,6 +224,19 @@ impl Fs {
 
     /// Writes all of `data` at `offset`, allocating blocks as needed.
     pub fn write_buf(&self, ino: u64, offset: u64, data: &IoBuffer<'_>) -> Result<usize> {
+        self.write_buf_attrs(ino, offset, data).map(|(n, _)| n)
+    }
+
+    /// As [`Fs::write_buf`], and the inode's attributes as this write left
+    /// them (taken in the same lock hold that logged it; None if the inode
+    /// went away meanwhile), so that a caller can tell later whether
+    /// anything changed the file since.
+    pub fn write_buf_attrs(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &IoBuffer<'_>,
+    ) -> Result<(usize, Option<InodeAttrs>)> {
         self.retry_when_full(|| self.write_once(ino, offset, data))
     }
 
@@ -240,10 +253,15 @@ impl Fs {
         }
     }
 
-    pub(super) fn write_once(&self, ino: u64, offset: u64, data: &IoBuffer<'_>) -> Result<usize> {
+    pub(super) fn write_once(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &IoBuffer<'_>,
+    ) -> Result<(usize, Option<InodeAttrs>)> {
         self.writable()?;
         if data.is_empty() {
-            return Ok(0);
+            return Ok((0, None));
         }
         let end = offset
             .checked_add(data.len() as u64)
@@ -329,15 +347,15 @@ impl Fs {
             }
         }
         let Some(i) = st.meta.get(ino) else {
-            return Ok(data.len());
+            return Ok((data.len(), None));
         };
         let mut a = i.attrs.clone();
         let now = Timespec::now();
         a.size = a.size.max(end);
         a.mtime = now;
         a.ctime = now;
-        self.log(&mut st, Record::Inode(a));
-        Ok(data.len())
+        self.log(&mut st, Record::Inode(a.clone()));
+        Ok((data.len(), Some(a)))
     }
 
     pub(super) fn maps(i: &meta::Inode, dev: u64) -> bool {

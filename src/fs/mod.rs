@@ -43,11 +43,11 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::blockdev::{AlignedBuf, BlockDevice, Direction, IoBuffer, IoRange};
 use crate::format::{
-    self, InodeAttrs, Record, Superblock, BLOCK_SIZE, CHECKPOINT_HEADER_BLOCKS, LOG_START_BLOCK,
-    MAX_FILE_SIZE, MAX_NAME_LEN, MIN_DEVICE_BLOCKS,
+    self, Record, Superblock, BLOCK_SIZE, CHECKPOINT_HEADER_BLOCKS, LOG_START_BLOCK, MAX_FILE_SIZE,
+    MAX_NAME_LEN, MIN_DEVICE_BLOCKS,
 };
 
-pub use crate::format::{Kind, Timespec, ROOT_INO};
+pub use crate::format::{InodeAttrs, Kind, Timespec, ROOT_INO};
 pub use error::{FsError, Result};
 
 use alloc::Allocator;

@@ -26,7 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
 use crate::blockdev::{DeviceError, FixedBuffer, FixedKind, FixedSource, IoBuffer, Tally};
-use crate::fs::{Fs, FsError, Kind, OpenFile, Timespec};
+use crate::fs::{Fs, FsError, InodeAttrs, Kind, OpenFile, Timespec};
 use crate::uapi::{self, Counters};
 
 pub use backend::{choose, Backend, Choice};
@@ -380,6 +380,12 @@ impl Registry {
             BufKind::Dmabuf if !self.backend.dmabufs => Err(TokenError::NotSupported),
             BufKind::Dmabuf => match fs.device().register_fixed(FixedSource::Dmabuf(buf.fd())) {
                 Ok(f) => Ok(Some(f)),
+                // The daemon's own tables are full (its fds, or every
+                // slot of the mount's buffer tables): not the buffer's fault.
+                Err(e) if daemon_out_of_room(&e) => {
+                    warn!("cannot register a dmabuf: {e}");
+                    Err(TokenError::NoFds)
+                }
                 Err(e) if self.backend.strict => {
                     warn!("the kernel refused to register a dmabuf for the device: {e}");
                     Err(TokenError::NotSupported)
@@ -678,7 +684,7 @@ impl Registry {
         if req.token == 0 {
             if let Some(f) = file {
                 out.c = f.counters.get();
-                out.detached_ops = f.detached.load(Ordering::Relaxed) as u32;
+                out.detached_ops = saturate(f.detached.load(Ordering::Relaxed));
             }
             return Ok(out);
         }
@@ -694,7 +700,7 @@ impl Registry {
             (false, BufKind::Dmabuf) => uapi::PATH_BOUNCE,
         };
         out.c = t.counters.get();
-        out.detached_ops = t.detached.load(Ordering::Relaxed) as u32;
+        out.detached_ops = saturate(t.detached.load(Ordering::Relaxed));
         Ok(out)
     }
 
@@ -738,9 +744,11 @@ type OpResult = Result<(u64, Option<LastByte>), TokenError>;
 
 /// A BATCH op resolved to its token, ready to go down.
 struct Planned {
+    // Dropped before `token`: the slot must be cleared before the last
+    // reference to the mapping it points into can unmap it.
+    fixed: Option<Arc<FixedBuffer>>,
     token: Arc<Token>,
     req: IoRequest,
-    fixed: Option<Arc<FixedBuffer>>,
     tally: Tally,
 }
 
@@ -862,12 +870,11 @@ fn transfer_with(
     let buf = &token.buffer;
     buf.sync(!req.write, false);
     let r = if req.write {
-        write_chunked(fs, token.ino, req.file_offset, &io_buf).map(|n| {
+        write_chunked(fs, token.ino, req.file_offset, &io_buf).map(|(n, attrs)| {
             let end = req.file_offset + n;
-            let attr = fs
-                .getattr(token.ino)
-                .ok()
-                .filter(|a| n > 0 && a.size == end);
+            // The times this write itself left: the invalidation stores
+            // the byte only if no other write has moved them since.
+            let attr = attrs.filter(|a| n > 0 && a.size == end);
             let mut last = [0u8];
             let last_byte = attr.map(|a| LastByte {
                 byte: io_buf
@@ -912,21 +919,42 @@ fn count(token: &Token, req: &IoRequest, tally: &Tally, r: Result<u64, ()>) {
 }
 
 /// Writes in chunks; a full device after some progress is a short count.
-fn write_chunked(fs: &Fs, ino: u64, offset: u64, buf: &IoBuffer<'_>) -> Result<u64, TokenError> {
+/// A u64 counter in a u32 field of the ABI.
+fn saturate(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Whether a registration failed because the daemon ran out of fds or
+/// buffer-table slots (ENFILE to the caller) rather than on the buffer.
+fn daemon_out_of_room(e: &DeviceError) -> bool {
+    matches!(e, DeviceError::Io(io) if matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOSPC)))
+}
+
+/// Also returns the inode's attributes as the last chunk written left them.
+fn write_chunked(
+    fs: &Fs,
+    ino: u64,
+    offset: u64,
+    buf: &IoBuffer<'_>,
+) -> Result<(u64, Option<InodeAttrs>), TokenError> {
     let total = buf.len() as u64;
     let mut done = 0u64;
+    let mut attrs = None;
     while done < total {
         let n = (total - done).min(WRITE_CHUNK);
         let piece = buf
             .slice(done as usize, n as usize)
             .expect("chunk within buffer");
-        match fs.write_buf(ino, offset + done, &piece) {
-            Ok(_) => done += n,
+        match fs.write_buf_attrs(ino, offset + done, &piece) {
+            Ok((_, a)) => {
+                done += n;
+                attrs = a;
+            }
             Err(FsError::NoSpace) if done > 0 => break,
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(done)
+    Ok((done, attrs))
 }
 
 #[cfg(test)]

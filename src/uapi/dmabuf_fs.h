@@ -25,7 +25,10 @@
  *               stale and unknown tokens look the same); READ on a file
  *               opened write-only, WRITE on one opened read-only; buf_fd
  *               not open in the caller
- *   EFAULT      len == 0, or the buffer range lies outside the token window
+ *   EFAULT      len == 0, or the buffer range lies outside the token window;
+ *               or the buffer's memory faulted under the transfer (a memfd
+ *               truncated, an exporter answering a CPU access with SIGBUS):
+ *               that op fails, the mount goes on
  *   EACCES      READ into a buffer that could only be mapped read-only
  *               (e.g. a write-sealed memfd)
  *   EOPNOTSUPP  a dmabuf the active backend cannot reach (under the mapped
@@ -42,7 +45,9 @@
  *               (once in-flight I/O on the token ends). STATS shows the
  *               limits and the caller's usage.
  *   ENFILE      REGISTER while the daemon itself is out of file
- *               descriptors (every token holds one); not the caller's quota
+ *               descriptors (every token holds one) or of io_uring buffer
+ *               table slots (16384 per mount); not the caller's quota
+ *   ENOMEM      no memory for a bounce buffer (never an abort)
  *   EFBIG       WRITE past the maximum file size
  *   ENOSPC      WRITE with nothing written because the device is full
  *   EIO         the device failed
