@@ -855,25 +855,6 @@ mod hardening_tests {
         assert!((1..=BOUNCE_CHUNKS).contains(&made), "{made} chunks");
     }
 
-    /// A shared mapping of an unsealed memfd, as a caller's token buffer.
-    fn memfd_mapping(len: usize) -> (memfd::Memfd, *mut u8) {
-        let mfd = memfd::MemfdOptions::default().create("hostile").unwrap();
-        mfd.as_file().set_len(len as u64).unwrap();
-        // SAFETY: a fresh shared mapping of a file we own.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                mfd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        (mfd, p.cast())
-    }
-
     #[test]
     fn vanished_caller_memory_fails_the_transfer_not_the_daemon() {
         if !usercopy::GUARDED {
@@ -884,7 +865,7 @@ mod hardening_tests {
             return;
         };
         let len = 1 << 20;
-        let (mfd, p) = memfd_mapping(len);
+        let (mfd, p) = usercopy::tests::shared_memfd(len);
         mfd.as_file().set_len(0).unwrap();
         for dma_safe in [true, false] {
             // SAFETY: the mapping stays for the test; its pages are gone.

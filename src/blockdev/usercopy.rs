@@ -228,12 +228,12 @@ mod imp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
     /// A shared mapping of an unsealed memfd of `len` bytes.
-    fn shared_memfd(len: usize) -> (memfd::Memfd, *mut u8) {
+    pub(crate) fn shared_memfd(len: usize) -> (memfd::Memfd, *mut u8) {
         let mfd = memfd::MemfdOptions::default()
             .allow_sealing(true)
             .create("usercopy-test")
