@@ -1070,6 +1070,31 @@ mod hardening_tests {
     const RINGS_IN_POOL: usize = 4;
 
     #[test]
+    fn a_ring_that_cannot_be_made_again_is_passed_over() {
+        let Some(mut f) = fixed_device(1 << 20) else {
+            return;
+        };
+        let fsrc = f.register(&f.src);
+        let fdst = f.register(&f.dst);
+        let rings = Arc::clone(f.dev.rings.as_ref().unwrap());
+        // One ring breaks and no fresh one can be made: the old pool kept
+        // choosing it in turn and failed every fourth transfer with EIO.
+        rings.inject.lock().fail_new_ring = true;
+        rings.inject.lock().fail_enter = true;
+        assert!(f.round_trip(&fsrc, &fdst, 0).is_err());
+        for i in 0..4 * RINGS_IN_POOL {
+            f.round_trip(&fsrc, &fdst, (1 + i as u64 % 6) << 20)
+                .unwrap_or_else(|e| panic!("transfer {i} with one ring gone: {e}"));
+        }
+        // Once rings can be made again, the pool is whole.
+        rings.inject.lock().fail_new_ring = false;
+        for i in 0..2 * RINGS_IN_POOL {
+            f.round_trip(&fsrc, &fdst, (1 + i as u64 % 6) << 20)
+                .unwrap();
+        }
+    }
+
+    #[test]
     fn detached_slots_are_registered_again_once_then_reported() {
         let Some(mut f) = fixed_device(256 << 10) else {
             return;

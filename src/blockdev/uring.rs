@@ -290,6 +290,8 @@ pub(super) struct Inject {
     pub fail_enter_in_flight: bool,
     /// The next this many fixed completions say ENOENT (a detached slot).
     pub enoent: usize,
+    /// Making a fresh ring fails (a ring that is gone stays gone).
+    pub fail_new_ring: bool,
 }
 
 /// Counters a test or a report can read.
@@ -468,6 +470,10 @@ impl Rings {
     fn revive(&self, index: usize, ring: &mut Ring) -> io::Result<()> {
         if ring.uring.is_some() {
             return Ok(());
+        }
+        #[cfg(test)]
+        if self.inject.lock().fail_new_ring {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
         }
         let fresh = new_ring(self.tables)?;
         let mut reg = self.registry.lock();
