@@ -473,6 +473,31 @@ fn check_device_range(size: u64, r: &IoRange) -> Result<(), DeviceError> {
 mod tests {
     use super::*;
 
+    /// Tells at run time whether `T` is `Sync`: the inherent method exists
+    /// only when it is; otherwise the trait's fallback answers.
+    struct SyncProbe<T: ?Sized>(PhantomData<T>);
+    trait NotSyncFallback {
+        fn is_sync(&self) -> bool {
+            false
+        }
+    }
+    impl<T: ?Sized> NotSyncFallback for SyncProbe<T> {}
+    impl<T: ?Sized + Sync> SyncProbe<T> {
+        fn is_sync(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn io_buffer_is_send_but_not_sync() {
+        // It writes through `&self` (reads land in it, holes are zeroed):
+        // shared between threads that would be a data race from safe code.
+        assert!(!SyncProbe::<IoBuffer<'static>>(PhantomData).is_sync());
+        assert!(SyncProbe::<AlignedBuf>(PhantomData).is_sync());
+        fn send<T: Send>() {}
+        send::<IoBuffer<'static>>();
+    }
+
     #[test]
     fn allocation_failure_is_an_error_not_an_abort() {
         assert!(matches!(
