@@ -513,6 +513,16 @@ impl Fs {
                 a.mtime = now;
             }
             FallocMode::ZeroRange { keep_size } => {
+                // Room for the holes is checked before anything is logged:
+                // an ENOSPC must leave the file as it was, not with its
+                // written blocks already turned to zeros.
+                let holes = match self.holes_with_room(&st, ino, full_start, full_end) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        Self::release_copies(&mut st, &zeroed);
+                        return Err(e);
+                    }
+                };
                 self.remap_zeroed(&mut st, ino, zeroed)?;
                 if full_end > full_start {
                     // Written blocks become unwritten (read as zeros) in place.
@@ -539,7 +549,7 @@ impl Fs {
                             },
                         );
                     }
-                    self.allocate_unwritten(&mut st, ino, full_start, full_end)?;
+                    self.map_unwritten(&mut st, ino, holes);
                 }
                 if !keep_size && end > a.size {
                     a.size = end;
@@ -579,7 +589,21 @@ impl Fs {
         from: u64,
         to: u64,
     ) -> Result<()> {
-        let holes: Vec<(u64, u64)> = runs(st.meta.get(ino).unwrap(), from, to - from)
+        let holes = self.holes_with_room(st, ino, from, to)?;
+        self.map_unwritten(st, ino, holes);
+        Ok(())
+    }
+
+    /// The holes of `ino` in blocks `from..to` as (file block, length),
+    /// or NoSpace if the device cannot give them all blocks.
+    fn holes_with_room(&self, st: &State, ino: u64, from: u64, to: u64) -> Result<Vec<(u64, u64)>> {
+        let Some(i) = st.meta.get(ino) else {
+            return Err(FsError::NotFound);
+        };
+        if to <= from {
+            return Ok(Vec::new());
+        }
+        let holes: Vec<(u64, u64)> = runs(i, from, to - from)
             .into_iter()
             .filter_map(|r| match r {
                 Run::Hole { file_block, len } => Some((file_block, len)),
@@ -590,6 +614,12 @@ impl Fs {
         if need > st.alloc.free_blocks().saturating_sub(st.reserve) {
             return Err(FsError::NoSpace);
         }
+        Ok(holes)
+    }
+
+    /// Maps each hole to newly allocated unwritten blocks (room checked
+    /// by [`Fs::holes_with_room`] under the same lock hold).
+    fn map_unwritten(&self, st: &mut State, ino: u64, holes: Vec<(u64, u64)>) {
         for (fb, len) in holes {
             let mut f = fb;
             for (s, l) in st.alloc.allocate(len, None) {
@@ -606,7 +636,6 @@ impl Fs {
                 f += l;
             }
         }
-        Ok(())
     }
 
     /// SEEK_DATA / SEEK_HOLE. Unwritten extents count as data.
@@ -646,6 +675,52 @@ mod tests {
 
     const ROOT: Caller = Caller { uid: 0, gid: 0 };
     const MISSING: u64 = 999_999;
+
+    #[test]
+    fn zero_range_without_room_changes_nothing() {
+        let dev = Arc::new(MemDevice::new(16 << 20));
+        format(dev.as_ref(), ROOT).unwrap();
+        let opts = MountOptions {
+            commit_interval: Duration::from_secs(3600),
+            ..MountOptions::default()
+        };
+        let fs = Fs::mount(dev.clone() as Arc<dyn BlockDevice>, opts).unwrap();
+        let file = |name: &[u8]| {
+            let (a, fh) = fs.create(ROOT, ROOT_INO, name, 0o644, true, true).unwrap();
+            fs.release(fh).unwrap();
+            a.ino
+        };
+        // Written data in block 0, then holes up to block 64.
+        let victim = file(b"victim");
+        let data = pattern(7, BS as usize);
+        fs.write(victim, 0, &data).unwrap();
+        let size = SetAttr {
+            size: Some(64 * BS),
+            ..SetAttr::default()
+        };
+        fs.setattr(victim, &size).unwrap();
+        // Fill the device.
+        let filler = file(b"filler");
+        let mut at = 0;
+        for chunk in [1 << 20, BS as usize] {
+            let piece = vec![1u8; chunk];
+            while fs.write(filler, at, &piece).is_ok() {
+                at += chunk as u64;
+            }
+        }
+        // Zeroing blocks 0..64 needs 63 new blocks for the holes: ENOSPC,
+        // and block 0 must still hold its data (the old code had already
+        // turned it unwritten, so it read as zeros).
+        let zero = FallocMode::ZeroRange { keep_size: true };
+        assert!(matches!(
+            fs.fallocate(ROOT, victim, 0, 64 * BS, zero),
+            Err(FsError::NoSpace)
+        ));
+        assert!(fs.read(victim, 0, BS as usize).unwrap()[..] == data[..]);
+        fs.unmount().unwrap();
+        let report = check::fsck(dev.as_ref(), false).unwrap();
+        assert!(report.remaining.is_empty(), "{:?}", report.remaining);
+    }
 
     /// A memory device that counts how reads reach it: one call per
     /// `submit` made directly, one per `submit_many` wave.
