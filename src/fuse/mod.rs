@@ -747,16 +747,9 @@ impl fuser::Filesystem for FuseFs {
                     Ok(m) => {
                         io.transferred = m.bytes;
                         let bytes = io.as_bytes().to_vec();
-                        if write && m.bytes > 0 {
-                            let range = [Written {
-                                ino: m.ino,
-                                offset: io.file_offset,
-                                len: m.bytes,
-                                last_byte: m.last_byte,
-                            }];
-                            self.invalidate_then(&range, move || reply.ioctl(0, &bytes));
-                        } else {
-                            reply.ioctl(0, &bytes);
+                        match m.written {
+                            Some(w) => self.invalidate_then(&[w], move || reply.ioctl(0, &bytes)),
+                            None => reply.ioctl(0, &bytes),
                         }
                     }
                     Err(e) => reply.error(token_fail(if write { "WRITE" } else { "READ" }, e)),

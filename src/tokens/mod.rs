@@ -160,15 +160,13 @@ pub struct Registry {
     backend: Backend,
 }
 
-/// What a READ or WRITE did: bytes moved, the inode they moved in or out
-/// of (for the page-cache invalidation that must follow a WRITE), and
-/// for a WRITE that ended at EOF, the file's last byte (so the kernel's
-/// i_size can be moved without reading the device).
+/// What a READ or WRITE did: bytes moved, and for a WRITE that moved
+/// any, the range it changed (for the page-cache invalidation that must
+/// follow it).
 #[derive(Debug, Clone, Copy)]
 pub struct Moved {
     pub bytes: u64,
-    pub ino: u64,
-    pub last_byte: Option<LastByte>,
+    pub written: Option<Written>,
 }
 
 /// The last byte of a file that a token WRITE ended at, copied from the
@@ -190,6 +188,18 @@ pub struct Written {
     pub len: u64,
     /// The byte at `offset + len - 1` when the write ended at EOF.
     pub last_byte: Option<LastByte>,
+}
+
+impl Written {
+    /// The range op `req` on `token` changed, if it wrote any bytes.
+    fn of(token: &Token, req: &IoRequest, bytes: u64, last_byte: Option<LastByte>) -> Option<Self> {
+        (req.write && bytes > 0).then_some(Self {
+            ino: token.ino,
+            offset: req.file_offset,
+            len: bytes,
+            last_byte,
+        })
+    }
 }
 
 /// One READ or WRITE as the caller asked for it.
@@ -472,21 +482,38 @@ impl Registry {
         let r = of.and_then(|of| {
             check(&of, &token, req)?;
             let fixed = token.fixed.read().clone();
-            let r = transfer(fs, &token, req, &tally, fixed.as_deref());
-            match r {
-                Err(e) if fixed.is_some() && e.is_detached() => {
-                    self.detach(&token);
-                    transfer(fs, &token, req, &tally, None)
-                }
-                r => r,
-            }
+            self.transfer_detaching(fs, &token, req, &tally, fixed.as_deref())
         });
         count(&token, req, &tally, r.as_ref().map(|m| m.0).map_err(|_| ()));
         r.map(|(bytes, last_byte)| Moved {
             bytes,
-            ino: token.ino,
-            last_byte,
+            written: Written::of(&token, req, bytes, last_byte),
         })
+    }
+
+    /// Moves one op's bytes with the token's registration `fixed`; if the
+    /// kernel detached it, the op goes once more without it.
+    fn transfer_detaching(
+        &self,
+        fs: &Fs,
+        token: &Token,
+        req: &IoRequest,
+        tally: &Tally,
+        fixed: Option<&FixedBuffer>,
+    ) -> OpResult {
+        match transfer(fs, token, req, tally, fixed) {
+            Err(e) if fixed.is_some() && e.is_detached() => {
+                self.retry_detached(fs, token, req, tally)
+            }
+            r => r,
+        }
+    }
+
+    /// Drops the token's detached registration and runs the op again the
+    /// mapped or bounce way.
+    fn retry_detached(&self, fs: &Fs, token: &Token, req: &IoRequest, tally: &Tally) -> OpResult {
+        self.detach(token);
+        transfer(fs, token, req, tally, None)
     }
 
     /// The kernel detached the token's registered buffer and could not
@@ -551,13 +578,9 @@ impl Registry {
             let r = match plan {
                 Err(_) => continue,
                 Ok(p) if !p.req.write => continue,
-                Ok(p) => match transfer(fs, &p.token, &p.req, &p.tally, p.fixed.as_deref()) {
-                    Err(e) if p.fixed.is_some() && e.is_detached() => {
-                        self.detach(&p.token);
-                        transfer(fs, &p.token, &p.req, &p.tally, None)
-                    }
-                    r => r,
-                },
+                Ok(p) => {
+                    self.transfer_detaching(fs, &p.token, &p.req, &p.tally, p.fixed.as_deref())
+                }
             };
             results[i] = Some(r);
         }
@@ -574,14 +597,7 @@ impl Registry {
                         r.as_ref().map(|m| m.0).map_err(|_| ()),
                     );
                     if let Ok((bytes, last_byte)) = &r {
-                        if p.req.write && *bytes > 0 {
-                            written.push(Written {
-                                ino: p.token.ino,
-                                offset: p.req.file_offset,
-                                len: *bytes,
-                                last_byte: *last_byte,
-                            });
-                        }
+                        written.extend(Written::of(&p.token, &p.req, *bytes, *last_byte));
                     }
                     r
                 }
@@ -640,8 +656,7 @@ impl Registry {
             let fixed = p.fixed.as_deref();
             let r = match r.map_err(TokenError::from) {
                 Err(e) if fixed.is_some() && e.is_detached() => {
-                    self.detach(&p.token);
-                    transfer(fs, &p.token, &p.req, &p.tally, None)
+                    self.retry_detached(fs, &p.token, &p.req, &p.tally)
                 }
                 Err(e) if !cpu && e.needs_cpu() => {
                     transfer_with(fs, &p.token, &p.req, &p.tally, fixed, true)
