@@ -175,6 +175,8 @@ fn serve(
             commit_interval: opts.commit,
             atime: opts.atime,
             nodiratime: opts.nodiratime,
+            dirty_limit: opts.dirty_limit,
+            background_writeback: true,
         },
     )
     .map_err(|e| format!("cannot mount {}: {e}", source.display()))?;

@@ -55,6 +55,9 @@ pub struct MountOpts {
     /// (window bytes of one uid's live tokens). REGISTER past one is
     /// EDQUOT.
     pub token_limits: Limits,
+    /// `dirty_limit=SIZE`: most bytes of `write()` data the daemon holds
+    /// before writing back (0: write through).
+    pub dirty_limit: u64,
 }
 
 impl Default for MountOpts {
@@ -66,6 +69,7 @@ impl Default for MountOpts {
             commit: Duration::from_secs(5),
             atime: AtimeMode::Relative,
             nodiratime: false,
+            dirty_limit: crate::fs::DEFAULT_DIRTY_LIMIT,
             remount: false,
             log: None,
             test_undo_log: None,
@@ -151,6 +155,10 @@ impl MountOpts {
                 }
                 "token_max_pinned" => {
                     o.token_limits.pinned_per_user =
+                        parse_size(value.ok_or_else(|| format!("option {opt:?} needs a size"))?)?
+                }
+                "dirty_limit" => {
+                    o.dirty_limit =
                         parse_size(value.ok_or_else(|| format!("option {opt:?} needs a size"))?)?
                 }
                 "test_undo_log" => o.test_undo_log = value.map(PathBuf::from),

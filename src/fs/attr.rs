@@ -5,7 +5,22 @@
 use super::*;
 
 impl Fs {
-    pub(super) fn attr_of(i: &meta::Inode) -> Attr {
+    /// What stat shows: the logged attributes, and for a file with
+    /// cached writes the size, times and blocks those writes imply.
+    pub(super) fn attr_of(&self, i: &meta::Inode) -> Attr {
+        let mut attr = Self::logged_attr(i);
+        if i.attrs.kind == Kind::File {
+            if let Some(o) = self.cache.overlay(i.attrs.ino) {
+                attr.size = attr.size.max(o.size);
+                attr.mtime = o.mtime.unwrap_or(attr.mtime);
+                attr.ctime = attr.ctime.max(o.ctime);
+                attr.blocks += o.reserved_blocks * (BS / 512);
+            }
+        }
+        attr
+    }
+
+    fn logged_attr(i: &meta::Inode) -> Attr {
         let a = &i.attrs;
         Attr {
             ino: a.ino,
@@ -30,13 +45,19 @@ impl Fs {
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let st = self.state.read();
-        st.meta.get(ino).map(Self::attr_of).ok_or(FsError::NotFound)
+        st.meta
+            .get(ino)
+            .map(|i| self.attr_of(i))
+            .ok_or(FsError::NotFound)
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
         let st = self.state.read();
         let ino = Self::child(&st.meta, parent, name)?;
-        st.meta.get(ino).map(Self::attr_of).ok_or(FsError::NotFound)
+        st.meta
+            .get(ino)
+            .map(|i| self.attr_of(i))
+            .ok_or(FsError::NotFound)
     }
 
     pub(super) fn child(meta: &Meta, parent: u64, name: &[u8]) -> Result<u64> {
@@ -58,6 +79,7 @@ impl Fs {
         // keeps size and extents as they are until then).
         let mut zeroed = Vec::new();
         if let Some(size) = set.size {
+            self.write_back_inode(ino)?;
             let tail = {
                 let st = self.state.read();
                 let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
@@ -108,10 +130,11 @@ impl Fs {
         }
         if let Some(t) = set.mtime {
             a.mtime = resolve(t);
+            self.cache.forget_mtime(ino);
         }
         a.ctime = set.ctime.unwrap_or(now);
         self.log(&mut st, Record::Inode(a));
-        Ok(Self::attr_of(st.meta.get(ino).unwrap()))
+        Ok(self.attr_of(st.meta.get(ino).unwrap()))
     }
 
     /// Drops blocks past `size` and remaps the kept partial last block to
@@ -193,7 +216,7 @@ impl Fs {
         let copies: Vec<ZeroedCopy> = {
             let mut st = self.state.write();
             let need = blocks.len() as u64;
-            if st.alloc.free_blocks().saturating_sub(st.reserve) < need {
+            if st.room() < need {
                 return Err(FsError::NoSpace);
             }
             let mut copies = Vec::with_capacity(blocks.len());

@@ -25,6 +25,9 @@ impl Fs {
         let lsn = self.journal.lock().push(&rec);
         st.pending_free
             .extend(freed.into_iter().map(|(s, l)| (lsn, s, l)));
+        if let Record::DropInode { ino } = rec {
+            self.discard_cached(st, ino);
+        }
     }
 
     /// Makes every change made so far durable: one log commit holding
@@ -44,6 +47,11 @@ impl Fs {
         }
         let _sync = self.sync_lock.lock();
         self.fail_if_broken()?;
+        // Cached writes first (the bulk while writers go on, the rest
+        // behind the gate), so the queue holds whole operations only.
+        self.write_back_all(true)?;
+        let gate = self.cache.gate.write();
+        self.write_back_all(false)?;
         let (queued, upto) = {
             // Under the state lock no operation is half-queued.
             let _st = self.state.read();
@@ -63,6 +71,7 @@ impl Fs {
             self.journal.lock().queued.splice(0..0, queued);
             return self.checkpoint_locked();
         };
+        drop(gate);
         // Ordered mode: the data the records point at goes first.
         self.dev.flush().inspect_err(|_| self.fail("flush"))?;
         let at = self.journal.lock().tail();
@@ -81,6 +90,10 @@ impl Fs {
             return Ok(());
         }
         let _sync = self.sync_lock.lock();
+        self.fail_if_broken()?;
+        self.write_back_all(true)?;
+        let _gate = self.cache.gate.write();
+        self.write_back_all(false)?;
         self.checkpoint_locked()
     }
 

@@ -63,6 +63,7 @@ impl Fs {
     pub fn read_buf(&self, ino: u64, offset: u64, buf: &IoBuffer<'_>) -> Result<usize> {
         let io = self.io_lock(ino);
         let _io = io.read();
+        self.write_back_inode(ino)?;
         // The state lock only while planning: zeroing touches the caller's
         // memory (slow, or faulting) and the transfer waits on the device;
         // neither may stall metadata operations of other users.
@@ -90,6 +91,20 @@ impl Fs {
         stripes.sort_unstable();
         stripes.dedup();
         let _io: Vec<_> = stripes.iter().map(|&s| self.io_locks[s].read()).collect();
+        let mut inos: Vec<u64> = reads.iter().map(|r| r.0).collect();
+        inos.sort_unstable();
+        inos.dedup();
+        if let Some(e) = inos
+            .into_iter()
+            .find_map(|ino| self.write_back_inode(ino).err())
+        {
+            // A failed write-back broke the mount (EIO from now on).
+            let mut first = Some(e);
+            return reads
+                .iter()
+                .map(|_| Err(first.take().unwrap_or(FsError::CommitFailed)))
+                .collect();
+        }
 
         let mut plans: Vec<Result<ReadPlan>> = {
             let st = self.state.read();
@@ -217,9 +232,14 @@ impl Fs {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset`, allocating blocks as needed.
+    /// `write()`: into the write-back cache when the mount has one (see
+    /// `cache`), else straight to the device like [`Fs::write_buf`].
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        self.write_buf(ino, offset, &IoBuffer::from_ref(data))
+        if self.cache.enabled() {
+            self.retry_when_full(|| self.write_cached(ino, offset, data))
+        } else {
+            self.write_buf(ino, offset, &IoBuffer::from_ref(data))
+        }
     }
 
     /// Writes all of `data` at `offset`, allocating blocks as needed.
@@ -269,6 +289,7 @@ impl Fs {
             .ok_or(FsError::FileTooBig)?;
         let io = self.io_lock(ino);
         let _io = io.write();
+        self.write_back_inode(ino)?;
         let fb = offset / BS;
         let nblocks = (end - 1) / BS + 1 - fb;
         // Plan: which blocks exist, which are new (allocated now).
@@ -295,7 +316,7 @@ impl Fs {
                         hint = Some(ext.dev + ext.len);
                     }
                     Run::Hole { file_block, len } => {
-                        let avail = st.alloc.free_blocks().saturating_sub(st.reserve);
+                        let avail = st.room();
                         let got = if avail >= len {
                             st.alloc.allocate(len, hint)
                         } else {
@@ -467,6 +488,7 @@ impl Fs {
             .ok_or(FsError::FileTooBig)?;
         let io = self.io_lock(ino);
         let _io = io.write();
+        self.write_back_inode(ino)?;
         let (full_start, full_end) = (offset.div_ceil(BS), end / BS);
         let (head_end, tail_start) = Self::edges(end, full_start, full_end);
         // Partial blocks at the edges of a punch or zero range are zeroed
@@ -611,7 +633,7 @@ impl Fs {
             })
             .collect();
         let need: u64 = holes.iter().map(|h| h.1).sum();
-        if need > st.alloc.free_blocks().saturating_sub(st.reserve) {
+        if need > st.room() {
             return Err(FsError::NoSpace);
         }
         Ok(holes)
@@ -640,6 +662,9 @@ impl Fs {
 
     /// SEEK_DATA / SEEK_HOLE. Unwritten extents count as data.
     pub fn seek(&self, ino: u64, offset: u64, whence: SeekWhence) -> Result<u64> {
+        let io = self.io_lock(ino);
+        let _io = io.read();
+        self.write_back_inode(ino)?;
         let st = self.state.read();
         let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
         let size = i.attrs.size;
@@ -838,6 +863,8 @@ mod tests {
                 .mknod(ROOT, ROOT_INO, b"fifo", libc::S_IFIFO | 0o644, 0)
                 .unwrap()
                 .ino;
+            // On the device, so the tests count reads, not the write-back.
+            fs.fsync(ROOT_INO).unwrap();
             Fixture {
                 fs,
                 dev,
@@ -942,6 +969,7 @@ mod tests {
         let before = fx.fs.getattr(holey).unwrap().atime;
         std::thread::sleep(Duration::from_millis(20));
         fx.dev.direct_reads.store(0, Ordering::SeqCst);
+        fx.dev.waves.store(0, Ordering::SeqCst);
         let results: Vec<_> = fx.fs.read_many(&reads).iter().map(outcome).collect();
         assert_eq!(
             results,

@@ -18,10 +18,15 @@
 //! access to a caller's memory (zeroing holes, copies); file data moves
 //! under the inode's own `io` lock only, so a slow transfer or a faulting
 //! buffer never blocks `ls`.
-//! Order: inode io lock, then `sync_lock`, then `state`, then `journal`.
+//! Order: `sync_lock`, the write-back cache's gate, inode io lock, the
+//! cache's write-back lock, `state`, `journal` (see `cache`).
+//!
+//! `cache` holds `write()`s in memory until write-back (delayed
+//! allocation; every commit writes everything back first).
 
 mod alloc;
 mod attr;
+mod cache;
 pub mod check;
 mod commit;
 mod data;
@@ -155,7 +160,18 @@ pub struct MountOptions {
     pub atime: AtimeMode,
     /// Directories never get atime updates.
     pub nodiratime: bool,
+    /// Most bytes of `write()` data held in memory before write-back; 0
+    /// writes through to the device (see `cache`).
+    pub dirty_limit: u64,
+    /// A flusher thread writes back from half the dirty limit, so writers
+    /// overlap the device. Off, only writers over the limit (and commits)
+    /// write back: the same workload always makes the same device writes,
+    /// which the crash-state explorer needs to replay a state.
+    pub background_writeback: bool,
 }
+
+/// Default `dirty_limit`.
+pub const DEFAULT_DIRTY_LIMIT: u64 = 256 << 20;
 
 impl Default for MountOptions {
     fn default() -> Self {
@@ -164,6 +180,8 @@ impl Default for MountOptions {
             commit_interval: Duration::from_secs(5),
             atime: AtimeMode::Relative,
             nodiratime: false,
+            dirty_limit: DEFAULT_DIRTY_LIMIT,
+            background_writeback: true,
         }
     }
 }
@@ -219,6 +237,17 @@ struct State {
     next_fh: u64,
     /// Blocks held back from data so a checkpoint always fits.
     reserve: u64,
+    /// Blocks promised to cached writes into holes (delayed allocation).
+    delalloc: u64,
+}
+
+impl State {
+    /// Blocks a new allocation or reservation may take.
+    fn room(&self) -> u64 {
+        self.alloc
+            .free_blocks()
+            .saturating_sub(self.reserve + self.delalloc)
+    }
 }
 
 pub struct Fs {
@@ -234,6 +263,7 @@ pub struct Fs {
     committer: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// Set after a failed commit: the mount no longer accepts changes.
     broken: AtomicBool,
+    cache: cache::Cache,
 }
 
 /// Summary of a freshly formatted device.
@@ -369,6 +399,7 @@ impl Fs {
                 handles: HashMap::new(),
                 next_fh: 1,
                 reserve: 0,
+                delalloc: 0,
             }),
             io_locks: (0..IO_LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             journal: Mutex::new(journal),
@@ -376,6 +407,7 @@ impl Fs {
             data_dirty: AtomicBool::new(false),
             committer: Mutex::new(None),
             broken: AtomicBool::new(false),
+            cache: cache::Cache::new(if opts.read_only { 0 } else { opts.dirty_limit }),
         });
         fs.update_reserve(&mut fs.state.write());
         info!(
@@ -395,6 +427,7 @@ impl Fs {
             // torn or not.
             fs.checkpoint()?;
             fs.start_committer();
+            fs.start_flusher();
         }
         Ok(fs)
     }
@@ -417,6 +450,7 @@ impl Fs {
             drop(tx);
             let _ = handle.join();
         }
+        self.stop_flusher();
         if self.opts.read_only || self.broken.load(Ordering::SeqCst) {
             return Ok(());
         }

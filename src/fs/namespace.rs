@@ -102,7 +102,7 @@ impl Fs {
         let mut st = self.state.write();
         let node = NewNode { kind, mode, rdev };
         let ino = self.create_node(&mut st, caller, parent, name, node)?;
-        Ok(Self::attr_of(st.meta.get(ino).unwrap()))
+        Ok(self.attr_of(st.meta.get(ino).unwrap()))
     }
 
     pub fn mkdir(&self, caller: Caller, parent: u64, name: &[u8], mode: u32) -> Result<Attr> {
@@ -119,7 +119,7 @@ impl Fs {
                 rdev: 0,
             },
         )?;
-        Ok(Self::attr_of(st.meta.get(ino).unwrap()))
+        Ok(self.attr_of(st.meta.get(ino).unwrap()))
     }
 
     pub fn symlink(&self, caller: Caller, parent: u64, name: &[u8], target: &[u8]) -> Result<Attr> {
@@ -149,7 +149,7 @@ impl Fs {
                 target: target.to_vec(),
             },
         );
-        Ok(Self::attr_of(st.meta.get(ino).unwrap()))
+        Ok(self.attr_of(st.meta.get(ino).unwrap()))
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -185,7 +185,7 @@ impl Fs {
             },
         )?;
         let fh = Self::new_handle(&mut st, ino, readable, writable);
-        Ok((Self::attr_of(st.meta.get(ino).unwrap()), fh))
+        Ok((self.attr_of(st.meta.get(ino).unwrap()), fh))
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
@@ -220,7 +220,7 @@ impl Fs {
             },
         );
         self.log(&mut st, Record::Inode(pa));
-        Ok(Self::attr_of(st.meta.get(ino).unwrap()))
+        Ok(self.attr_of(st.meta.get(ino).unwrap()))
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
@@ -503,7 +503,7 @@ impl Fs {
         let st = self.state.read();
         let blocks = self.sb.data_end() - self.sb.data_start();
         let held: u64 = st.pending_free.iter().map(|p| p.2).sum();
-        let free = (st.alloc.free_blocks() + held).saturating_sub(st.reserve);
+        let free = (st.alloc.free_blocks() + held).saturating_sub(st.reserve + st.delalloc);
         let used_inodes = st.meta.inodes.len() as u64;
         // Inodes cost memory and checkpoint space, not blocks: report room
         // for as many more as there are free blocks.
