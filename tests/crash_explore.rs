@@ -73,6 +73,11 @@ fn explore_a_directory_of_many_entries_in_one_commit() {
 }
 
 #[test]
+fn explore_writes_held_in_the_write_back_cache() {
+    assert_clean(explore::sweep("wb", seeds(24, 400), scale()));
+}
+
+#[test]
 fn explore_the_log_wrapping_into_a_checkpoint() {
     assert_clean(explore::sweep("wrap", seeds(1, 10), scale()));
 }

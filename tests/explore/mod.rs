@@ -50,6 +50,8 @@ pub struct Scale {
     pub bigdir_entries: usize,
     /// Commits of a `wrap` workload (enough to wrap the log).
     pub wrap_commits: usize,
+    /// fsync rounds of a `wb` workload.
+    pub wb_rounds: usize,
 }
 
 impl Scale {
@@ -59,6 +61,7 @@ impl Scale {
         ace_ops: 40,
         bigdir_entries: 2000,
         wrap_commits: 320,
+        wb_rounds: 6,
     };
     pub const LONG: Scale = Scale {
         random_per_window: 48,
@@ -66,6 +69,7 @@ impl Scale {
         ace_ops: 80,
         bigdir_entries: 10_000,
         wrap_commits: 700,
+        wb_rounds: 16,
     };
 }
 
@@ -73,9 +77,15 @@ fn opts() -> MountOptions {
     MountOptions {
         commit_interval: Duration::from_secs(3600),
         atime: AtimeMode::Never,
+        // No flusher thread: a replay must make the same device writes.
+        background_writeback: false,
         ..MountOptions::default()
     }
 }
+
+/// The `wb` family's dirty limit: small, so writers over it write back
+/// in the middle of a round, between commits.
+const WB_DIRTY_LIMIT: u64 = 48 << 10;
 
 // ----- the oracle: dumps of the live filesystem ---------------------------
 
@@ -242,6 +252,10 @@ impl Driver {
     }
 
     fn write(&mut self, path: &[u8], off: u64, len: u64) {
+        self.write_as(path, off, len, false)
+    }
+
+    fn write_as(&mut self, path: &[u8], off: u64, len: u64, bulk: bool) {
         let op = self.rec.ops + 1;
         let tag = (op % 250) as u8 + 1;
         if let Some(ino) = self.ino_of(path) {
@@ -255,7 +269,7 @@ impl Driver {
                 });
             }
         }
-        self.done(false);
+        self.done(bulk);
     }
 
     fn split(path: &[u8]) -> (Vec<u8>, Vec<u8>) {
@@ -514,6 +528,75 @@ fn wrap(d: &mut Driver, scale: Scale) {
     }
 }
 
+/// Write-back: rounds of writes that stay in memory across truncates,
+/// renames, unlinks and punches, some written back early by writers over
+/// a small dirty limit (in-place overwrites and new blocks landing between
+/// commits), each round ending in an fsync. No dumps inside a round: the
+/// dump's reads would write the files back.
+fn wb(d: &mut Driver, scale: Scale) {
+    let files: Vec<Vec<u8>> = (0..4).map(|k| format!("w{k}").into_bytes()).collect();
+    for (k, f) in files.iter().enumerate() {
+        d.create(f, false, true);
+        d.write_as(f, 0, 3000 + 9000 * k as u64, true);
+    }
+    d.fsync();
+    for _ in 0..scale.wb_rounds {
+        for _ in 0..2 + d.rng.below(6) {
+            let f = files[d.rng.below(4) as usize].clone();
+            let g = files[d.rng.below(4) as usize].clone();
+            match d.rng.below(10) {
+                0..=4 => {
+                    let off = d.rng.below(60_000);
+                    let len = 1 + d.rng.below(30_000);
+                    d.write_as(&f, off, len, true)
+                }
+                5 => {
+                    if let Some(ino) = d.ino_of(&f) {
+                        let set = SetAttr {
+                            size: Some(d.rng.below(40_000)),
+                            ..SetAttr::default()
+                        };
+                        let _ = d.fs.setattr(ino, &set);
+                    }
+                    d.done(true)
+                }
+                6 => {
+                    if let (Some((pf, nf)), Some((pg, ng))) = (d.in_dir(&f), d.in_dir(&g)) {
+                        let _ = d.fs.rename(pf, &nf, pg, &ng, RenameMode::Replace);
+                    }
+                    d.done(true);
+                    d.create(&f, false, true)
+                }
+                7 => {
+                    if let Some((p, n)) = d.in_dir(&f) {
+                        let _ = d.fs.unlink(p, &n);
+                    }
+                    d.done(true);
+                    d.create(&f, false, true)
+                }
+                8 => {
+                    let (off, len) = (d.rng.below(50_000), 1 + d.rng.below(20_000));
+                    if let Some(ino) = d.ino_of(&f) {
+                        let _ = d.fs.fallocate(ROOT, ino, off, len, FallocMode::PunchHole);
+                    }
+                    d.done(true)
+                }
+                _ => {
+                    if let Some(ino) = d.ino_of(&f) {
+                        let set = SetAttr {
+                            mode: Some(0o600 + d.rng.below(0o100) as u32),
+                            ..SetAttr::default()
+                        };
+                        let _ = d.fs.setattr(ino, &set);
+                    }
+                    d.done(true)
+                }
+            }
+        }
+        d.fsync();
+    }
+}
+
 /// Runs one workload and records it.
 pub fn record(family: &str, seed: u64, scale: Scale) -> Recording {
     // The smallest device mkfs takes (its log is as small as logs get),
@@ -527,7 +610,14 @@ pub fn record(family: &str, seed: u64, scale: Scale) -> Recording {
     mem.flush().unwrap();
     let base = mem.snapshot();
     let dev = Arc::new(RecordingDevice::new(mem as Arc<dyn BlockDevice>));
-    let fs = Fs::mount(dev.clone() as Arc<dyn BlockDevice>, opts()).unwrap();
+    let mount_opts = match family {
+        "wb" => MountOptions {
+            dirty_limit: WB_DIRTY_LIMIT,
+            ..opts()
+        },
+        _ => opts(),
+    };
+    let fs = Fs::mount(dev.clone() as Arc<dyn BlockDevice>, mount_opts).unwrap();
     let mut d = Driver {
         rec: Recording {
             base,
@@ -554,6 +644,7 @@ pub fn record(family: &str, seed: u64, scale: Scale) -> Recording {
         "names" => names(&mut d),
         "bigdir" => bigdir(&mut d, scale),
         "wrap" => wrap(&mut d, scale),
+        "wb" => wb(&mut d, scale),
         other => panic!("unknown workload family {other}"),
     }
     for fh in std::mem::take(&mut d.open) {
