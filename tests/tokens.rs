@@ -1433,3 +1433,99 @@ fn token_write_growing_the_file_is_seen_at_once_through_open_fds_and_mmaps() {
     // SAFETY: unmapping what we mapped.
     unsafe { libc::munmap(map, 3 * 4096) };
 }
+
+/// Write-back coherency: a token READ sees every write() that returned
+/// before it while the data is still in the daemon's write-back cache,
+/// with two writers adding unaligned records all the while.
+#[test]
+fn token_reads_see_every_returned_write_while_writers_race() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const REC: usize = 4096 + 700; // records straddle pages
+    const N: usize = 400;
+    let img = Image::new("256M");
+    let m = img.mount();
+    let p = m.join("f");
+    write_file(&p, b"");
+    let record = |writer: usize, i: usize| pseudo_random((writer * 100_000 + i) as u64, REC);
+    let done: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (p, done) = (p.clone(), done.clone());
+            std::thread::spawn(move || {
+                let f = OpenOptions::new().write(true).open(&p).unwrap();
+                for i in 0..N {
+                    let at = ((w * N + i) * REC) as u64;
+                    f.write_all_at(&record(w, i), at).unwrap();
+                    done[w].store(i + 1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let f = TokenFile::open(&p, false).unwrap();
+    let buf = sealed_memfd("t", (2 * N * REC) as u64).unwrap();
+    let t = f.register(&buf, 0, 0).unwrap();
+    let mut checks = 0;
+    loop {
+        let finished = writers.iter().all(|h| h.is_finished());
+        let seen = [
+            done[0].load(Ordering::SeqCst),
+            done[1].load(Ordering::SeqCst),
+        ];
+        t.read(0, 0, (2 * N * REC) as u64).unwrap();
+        let got = memfd_bytes(&buf, 2 * N * REC);
+        for (w, &n) in seen.iter().enumerate() {
+            for i in 0..n {
+                let at = (w * N + i) * REC;
+                assert!(
+                    got[at..at + REC] == record(w, i)[..],
+                    "writer {w} record {i} returned before the READ but is not in it"
+                );
+            }
+        }
+        checks += 1;
+        if finished {
+            break;
+        }
+    }
+    for h in writers {
+        h.join().unwrap();
+    }
+    assert!(checks >= 2, "{checks} READs");
+    let all = std::fs::read(&p).unwrap();
+    assert_eq!(all.len(), 2 * N * REC);
+}
+
+/// A token WRITE over data still in the write-back cache wins, and stays
+/// won after the cache is written back (and across a remount); write()s
+/// around it keep their bytes.
+#[test]
+fn token_write_over_cached_writes_wins_after_write_back() {
+    let img = Image::new("64M");
+    let mut m = img.mount();
+    let p = m.join("f");
+    let old = pseudo_random(51, 64 << 10);
+    write_file(&p, &old); // in the daemon's cache, not on the device
+    let f = TokenFile::open(&p, true).unwrap();
+    let buf = sealed_memfd("t", 16 << 10).unwrap();
+    let new = pseudo_random(52, 10_000);
+    fill_memfd(&buf, &new);
+    let t = f.register(&buf, 0, 0).unwrap();
+    assert_eq!(
+        t.write(5000, 0, new.len() as u64).unwrap(),
+        new.len() as u64
+    );
+    let mut want = old.clone();
+    want[5000..15_000].copy_from_slice(&new);
+    // More cached writes after the token WRITE, beside its range.
+    let g = OpenOptions::new().write(true).open(&p).unwrap();
+    g.write_all_at(b"after", 20_000).unwrap();
+    want[20_000..20_005].copy_from_slice(b"after");
+    drop(t);
+    drop(g);
+    drop(f);
+    assert!(std::fs::read(&p).unwrap() == want, "before write-back");
+    File::open(&p).unwrap().sync_all().unwrap();
+    m.remount();
+    assert!(std::fs::read(m.join("f")).unwrap() == want, "after remount");
+}

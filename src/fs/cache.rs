@@ -66,6 +66,9 @@ struct Dirty {
     ctime: Timespec,
     /// Pages whose blocks are reserved (they were holes).
     reserved: u64,
+    /// Pages of this file are being written back and their blocks are not
+    /// mapped yet: a partial write must not start a page from zeros.
+    writing: bool,
 }
 
 struct Page {
@@ -194,8 +197,14 @@ impl Fs {
                 match r {
                     Run::Hole { file_block, len } => {
                         for b in file_block..file_block + len {
-                            if !d.pages.contains_key(&b) {
+                            let whole = offset <= b * BS && end >= (b + 1) * BS;
+                            if d.pages.contains_key(&b) {
+                            } else if whole || !d.writing {
                                 zeroed.push((b, true));
+                            } else {
+                                // Maybe in flight: wait for it (below),
+                                // then this block is mapped or a hole.
+                                fills.push((b, u64::MAX));
                             }
                         }
                     }
@@ -213,6 +222,8 @@ impl Fs {
                 }
             }
             if !fills.is_empty() && wb.is_none() {
+                // With `writeback` held nothing is in flight: the plan
+                // made again then has only real blocks to read.
                 drop(d);
                 drop(st);
                 wb = Some(self.cache.writeback.lock());
@@ -374,6 +385,7 @@ impl Fs {
                 k = j;
             }
             d.reserved -= reserved;
+            d.writing = true;
             drop(d);
             left -= n;
             out.push(Taken {
@@ -396,6 +408,9 @@ impl Fs {
         }
         let pages: u64 = taken.iter().map(|t| t.pages).sum();
         let result = self.write_back_taken(&taken);
+        for t in &taken {
+            t.entry.lock().writing = false;
+        }
         self.cache.bytes.fetch_sub(pages * BS, Ordering::SeqCst);
         if result.is_err() {
             self.fail("write-back");
@@ -484,7 +499,9 @@ impl Fs {
                 .map(|(b, buf)| b * BS + buf.len() as u64)
                 .max()
                 .unwrap_or(0);
-            let d = t.entry.lock();
+            let mut d = t.entry.lock();
+            // Mapped now (under this state lock), so writers may plan on it.
+            d.writing = false;
             let done = d.pages.is_empty();
             let Some(i) = st.meta.get(t.ino) else {
                 continue;
@@ -650,6 +667,7 @@ impl Dirty {
             mtime: None,
             ctime: a.ctime,
             reserved: 0,
+            writing: false,
         }
     }
 }
