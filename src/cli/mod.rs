@@ -44,7 +44,8 @@ enum Cmd {
         target: PathBuf,
         mountpoint: PathBuf,
         /// Comma-separated options: ro, rw, allow_other, default_permissions,
-        /// threads=N, commit=SECONDS, noatime, remount, log=FILE, and the
+        /// threads=N, commit=SECONDS, dirty_limit=SIZE, noatime, remount,
+        /// log=FILE, token_max_*, and the
         /// generic ones mount(8) passes.
         #[arg(short = 'o', action = clap::ArgAction::Append)]
         options: Vec<String>,

@@ -220,5 +220,15 @@ mod tests {
         );
         assert!(MountOpts::parse("token_max_per_file=0").is_err());
         assert!(MountOpts::parse("token_max_pinned").is_err());
+        assert_eq!(
+            MountOpts::parse("").unwrap().dirty_limit,
+            crate::fs::DEFAULT_DIRTY_LIMIT
+        );
+        assert_eq!(
+            MountOpts::parse("dirty_limit=64M").unwrap().dirty_limit,
+            64 << 20
+        );
+        assert_eq!(MountOpts::parse("dirty_limit=0").unwrap().dirty_limit, 0);
+        assert!(MountOpts::parse("dirty_limit").is_err());
     }
 }
