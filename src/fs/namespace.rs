@@ -5,11 +5,19 @@ use super::*;
 
 impl Fs {
     pub(super) fn check_name(name: &[u8]) -> Result<()> {
-        if name.len() > MAX_NAME_LEN {
-            return Err(FsError::NameTooLong);
-        }
+        Self::check_name_len(name)?;
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
             return Err(FsError::Invalid("bad file name"));
+        }
+        Ok(())
+    }
+
+    /// A name longer than NAME_MAX can never exist here: ENAMETOOLONG,
+    /// also for the ops that only look a name up (unlink, rename's
+    /// source), as on ext4, rather than ENOENT.
+    pub(super) fn check_name_len(name: &[u8]) -> Result<()> {
+        if name.len() > MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
         }
         Ok(())
     }
@@ -233,6 +241,7 @@ impl Fs {
 
     pub(super) fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
         self.writable()?;
+        Self::check_name_len(name)?;
         if name == b"." {
             return Err(FsError::Invalid("cannot remove ."));
         }
@@ -296,10 +305,52 @@ impl Fs {
         new_name: &[u8],
         mode: RenameMode,
     ) -> Result<()> {
+        self.rename_as(parent, name, new_parent, new_name, mode, None)
+    }
+
+    /// rename(2) with RENAME_WHITEOUT: as [`Fs::rename`] (`noreplace`:
+    /// RENAME_NOREPLACE too), and in the same log transaction the source
+    /// name becomes a whiteout, a character device 0/0 with mode 0 owned
+    /// by `caller`, as overlayfs wants of its upper layer.
+    pub fn rename_whiteout(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        noreplace: bool,
+    ) -> Result<()> {
+        let mode = if noreplace {
+            RenameMode::NoReplace
+        } else {
+            RenameMode::Replace
+        };
+        self.rename_as(parent, name, new_parent, new_name, mode, Some(caller))
+    }
+
+    fn rename_as(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+        whiteout: Option<Caller>,
+    ) -> Result<()> {
         self.writable()?;
+        Self::check_name_len(name)?;
         Self::check_name(new_name)?;
+        if whiteout.is_some() && mode == RenameMode::Exchange {
+            return Err(FsError::Invalid("RENAME_EXCHANGE with RENAME_WHITEOUT"));
+        }
         let mut st = self.state.write();
         let src = Self::child(&st.meta, parent, name)?;
+        // Everything that can fail is checked before the first record:
+        // the whiteout needs an inode, as mknod does.
+        if whiteout.is_some() && st.alloc.free_blocks() <= st.reserve / 2 {
+            return Err(FsError::NoSpace);
+        }
         let np = st.meta.get(new_parent).ok_or(FsError::NotFound)?;
         let dst = np.dir.as_ref().ok_or(FsError::NotDir)?.get(new_name);
         let src_kind = st.meta.get(src).unwrap().attrs.kind;
@@ -382,6 +433,16 @@ impl Fs {
         }
         self.reparent(&mut st, src, parent, new_parent, now);
         self.touch_dirs(&mut st, &[parent, new_parent], now);
+        if let Some(caller) = whiteout {
+            let node = NewNode {
+                kind: Kind::CharDev,
+                mode: libc::S_IFCHR,
+                rdev: 0,
+            };
+            // Cannot fail: the name was just freed in a live directory
+            // and the space was checked above.
+            self.create_node(&mut st, caller, parent, name, node)?;
+        }
         Ok(())
     }
 

@@ -23,6 +23,7 @@ use fuser::{
 use log::{debug, warn};
 use zerocopy::IntoBytes;
 
+use crate::format::MAX_NAME_LEN;
 use crate::fs::{
     Attr, Caller, FallocMode, Fs, FsError, Kind, RenameMode, SeekWhence, SetAttr, TimeSet,
     Timespec, XattrMode,
@@ -336,6 +337,10 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        // No such name can exist; ENOENT would be wrong (pjdfstest).
+        if name.len() > MAX_NAME_LEN {
+            return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
+        }
         // The kernel revalidates a file handle (open_by_handle_at, NFS
         // export) by looking up "." in any inode, not only in directories.
         let found = if name.as_bytes() == b"." {
@@ -451,7 +456,7 @@ impl fuser::Filesystem for FuseFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -459,11 +464,27 @@ impl fuser::Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let mode = if flags.contains(RenameFlags::RENAME_WHITEOUT)
+        let known = RenameFlags::RENAME_EXCHANGE
+            | RenameFlags::RENAME_NOREPLACE
+            | RenameFlags::RENAME_WHITEOUT;
+        if !known.contains(flags)
             || flags.contains(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_NOREPLACE)
+            || flags.contains(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT)
         {
             return reply.error(Errno::EINVAL);
-        } else if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+        }
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            let r = self.fs.rename_whiteout(
+                caller(req),
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.contains(RenameFlags::RENAME_NOREPLACE),
+            );
+            return reply_empty(reply, r, "rename");
+        }
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
             RenameMode::NoReplace
