@@ -512,3 +512,95 @@ fn overlayfs_takes_the_mount_as_its_upper_layer() {
     assert_eq!(seen, ["renamed"]);
     drop(guard);
 }
+
+#[test]
+fn cached_names_and_attributes_follow_every_change() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    let p = m.join("f");
+    // A miss the kernel may now cache gives way to each way of making
+    // the name.
+    type Make = fn(&std::path::Path, &std::path::Path);
+    let makers: [(&str, Make); 6] = [
+        ("create", |_, p| fs::write(p, b"1").unwrap()),
+        ("mkdir", |_, p| fs::create_dir(p).unwrap()),
+        ("symlink", |_, p| {
+            std::os::unix::fs::symlink("t", p).unwrap()
+        }),
+        ("link", |root, p| {
+            fs::write(root.join("src"), b"s").unwrap();
+            fs::hard_link(root.join("src"), p).unwrap();
+            fs::remove_file(root.join("src")).unwrap();
+        }),
+        ("rename", |root, p| {
+            fs::write(root.join("src"), b"s").unwrap();
+            fs::rename(root.join("src"), p).unwrap();
+        }),
+        ("mknod", |_, p| {
+            let c = cpath(p);
+            sys(unsafe { libc::mknod(c.as_ptr(), libc::S_IFIFO | 0o600, 0) }).unwrap();
+        }),
+    ];
+    for (how, make) in makers {
+        for _ in 0..2 {
+            assert!(fs::symlink_metadata(&p).is_err(), "{how}: exists early");
+        }
+        make(m.path(), &p);
+        assert!(
+            fs::symlink_metadata(&p).is_ok(),
+            "{how}: the new name is hidden"
+        );
+        match fs::symlink_metadata(&p).unwrap().is_dir() {
+            true => fs::remove_dir(&p).unwrap(),
+            false => fs::remove_file(&p).unwrap(),
+        }
+        assert!(
+            fs::symlink_metadata(&p).is_err(),
+            "{how}: removed name still seen"
+        );
+    }
+    // Attributes cached for long still show what changed them: link
+    // counts through another name, sizes and times through other fds.
+    fs::write(&p, b"abc").unwrap();
+    let before = fs::metadata(&p).unwrap();
+    fs::hard_link(&p, m.join("g")).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().nlink(), 2);
+    std::thread::sleep(Duration::from_millis(20));
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("g"))
+        .unwrap()
+        .write_all(b"def")
+        .unwrap();
+    let after = fs::metadata(&p).unwrap();
+    assert_eq!(after.len(), 6);
+    assert!(after.mtime_nsec() != before.mtime_nsec() || after.mtime() != before.mtime());
+    fs::set_permissions(m.join("g"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+    fs::remove_file(m.join("g")).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().nlink(), 1);
+    // A directory's link count follows subdirectories made and moved.
+    fs::create_dir_all(m.join("a/sub")).unwrap();
+    fs::create_dir(m.join("b")).unwrap();
+    assert_eq!(fs::metadata(m.join("a")).unwrap().nlink(), 3);
+    fs::rename(m.join("a/sub"), m.join("b/sub")).unwrap();
+    assert_eq!(fs::metadata(m.join("a")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(m.join("b")).unwrap().nlink(), 3);
+    // ls -l's way (readdir with attributes) gives the same as stat.
+    let listed: Vec<(String, u64, u32)> = {
+        let mut v: Vec<_> = fs::read_dir(m.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = e.metadata().unwrap();
+                (e.file_name().into_string().unwrap(), md.ino(), md.mode())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for (name, ino, mode) in listed {
+        let md = fs::symlink_metadata(m.join(&name)).unwrap();
+        assert_eq!((md.ino(), md.mode()), (ino, mode), "{name}");
+    }
+}

@@ -500,60 +500,75 @@ impl Fs {
         &self,
         ino: u64,
         offset: u64,
-        f: impl FnMut(DirEntry<'_>) -> bool,
+        mut f: impl FnMut(DirEntry<'_>) -> bool,
     ) -> Result<()> {
-        let touch = self.list_dir(ino, offset, f)?;
+        let touch = self.list_dir(ino, offset, |e, _| f(e))?;
         if touch {
             self.touch_atime(ino);
         }
         Ok(())
     }
 
-    /// readdir's walk; returns whether the directory's atime is due.
+    /// [`Fs::readdir`] with each entry's attributes (READDIRPLUS), taken
+    /// under the same hold of the state lock as the entry.
+    pub fn readdir_plus(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut f: impl FnMut(DirEntry<'_>, &Attr) -> bool,
+    ) -> Result<()> {
+        // An entry naming no inode (never made by this code) is left out:
+        // there are no attributes to give for it.
+        let touch = self.list_dir(ino, offset, |e, i| {
+            i.is_some_and(|i| f(e, &Self::attr_of(i)))
+        })?;
+        if touch {
+            self.touch_atime(ino);
+        }
+        Ok(())
+    }
+
+    /// readdir's walk, handing `f` each entry and its inode; returns
+    /// whether the directory's atime is due.
     pub(super) fn list_dir(
         &self,
         ino: u64,
         offset: u64,
-        mut f: impl FnMut(DirEntry<'_>) -> bool,
+        mut f: impl FnMut(DirEntry<'_>, Option<&meta::Inode>) -> bool,
     ) -> Result<bool> {
         let st = self.state.read();
         let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
         let d = i.dir.as_ref().ok_or(FsError::NotDir)?;
         let parent = i.attrs.parent;
         let due = self.atime_due(&i.attrs);
-        if offset < 1
-            && f(DirEntry {
-                ino,
-                offset: 1,
-                kind: Kind::Dir,
-                name: b".",
-            })
-        {
+        let dot = DirEntry {
+            ino,
+            offset: 1,
+            kind: Kind::Dir,
+            name: b".",
+        };
+        if offset < 1 && f(dot, Some(i)) {
             return Ok(due);
         }
-        if offset < 2
-            && f(DirEntry {
-                ino: parent,
-                offset: 2,
-                kind: Kind::Dir,
-                name: b"..",
-            })
-        {
+        let dotdot = DirEntry {
+            ino: parent,
+            offset: 2,
+            kind: Kind::Dir,
+            name: b"..",
+        };
+        if offset < 2 && f(dotdot, st.meta.get(parent)) {
             return Ok(due);
         }
         for (&cookie, name) in d.by_cookie.range(offset.max(FIRST_COOKIE - 1) + 1..) {
             let child = d.entries[name].0;
-            let kind = st
-                .meta
-                .get(child)
-                .map(|c| c.attrs.kind)
-                .unwrap_or(Kind::File);
-            if f(DirEntry {
+            let c = st.meta.get(child);
+            let e = DirEntry {
                 ino: child,
                 offset: cookie,
-                kind,
+                kind: c.map_or(Kind::File, |c| c.attrs.kind),
                 name,
-            }) {
+            };
+            if f(e, c) {
                 break;
             }
         }
