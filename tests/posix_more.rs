@@ -276,3 +276,331 @@ fn freed_space_is_reusable_at_once() {
         }
     }
 }
+
+/// Runs a libc call that returns -1 on error as an io::Result.
+fn sys(r: libc::c_int) -> std::io::Result<()> {
+    common::check(r).map(|_| ())
+}
+
+#[test]
+fn names_over_255_bytes_are_enametoolong_for_every_call() {
+    use common::assert_errno;
+    let img = Image::new("64M");
+    let m = img.mount();
+    let dir = m.join("d");
+    fs::create_dir(&dir).unwrap();
+    // 255 bytes (NAME_MAX) works end to end.
+    let ok = dir.join("a".repeat(255));
+    fs::write(&ok, b"x").unwrap();
+    assert_eq!(fs::metadata(&ok).unwrap().len(), 1);
+    fs::hard_link(&ok, dir.join("b".repeat(255))).unwrap();
+    fs::rename(dir.join("b".repeat(255)), dir.join("c".repeat(255))).unwrap();
+    fs::remove_file(dir.join("c".repeat(255))).unwrap();
+    fs::create_dir(dir.join("e".repeat(255))).unwrap();
+    fs::remove_dir(dir.join("e".repeat(255))).unwrap();
+    // 256 bytes: ENAMETOOLONG, never ENOENT, from every call (twice, so
+    // an answer the kernel cached is checked too).
+    let long = dir.join("z".repeat(256));
+    let c = cpath(&long);
+    let file = cpath(&ok);
+    let e = libc::ENAMETOOLONG;
+    for _ in 0..2 {
+        assert_errno(fs::metadata(&long), e, "stat");
+        assert_errno(sys(unsafe { libc::chmod(c.as_ptr(), 0o644) }), e, "chmod");
+        assert_errno(sys(unsafe { libc::chown(c.as_ptr(), 1, 1) }), e, "chown");
+        assert_errno(sys(unsafe { libc::truncate(c.as_ptr(), 0) }), e, "truncate");
+        // ftruncate's way in: the open that would create the file.
+        let flags = libc::O_CREAT | libc::O_RDWR;
+        assert_errno(
+            sys(unsafe { libc::open(c.as_ptr(), flags, 0o644) }),
+            e,
+            "open(O_CREAT)",
+        );
+        assert_errno(sys(unsafe { libc::unlink(c.as_ptr()) }), e, "unlink");
+        assert_errno(sys(unsafe { libc::rmdir(c.as_ptr()) }), e, "rmdir");
+        assert_errno(sys(unsafe { libc::mkdir(c.as_ptr(), 0o755) }), e, "mkdir");
+        assert_errno(
+            sys(unsafe { libc::link(file.as_ptr(), c.as_ptr()) }),
+            e,
+            "link to",
+        );
+        assert_errno(
+            sys(unsafe { libc::link(c.as_ptr(), file.as_ptr()) }),
+            e,
+            "link from",
+        );
+        assert_errno(
+            sys(unsafe { libc::rename(file.as_ptr(), c.as_ptr()) }),
+            e,
+            "rename to",
+        );
+        assert_errno(
+            sys(unsafe { libc::rename(c.as_ptr(), file.as_ptr()) }),
+            e,
+            "rename from",
+        );
+        assert_errno(
+            sys(unsafe { libc::symlink(file.as_ptr(), c.as_ptr()) }),
+            e,
+            "symlink",
+        );
+    }
+    // Nothing was created or lost on the way.
+    let names: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("a".repeat(255))]);
+    fs::remove_file(&ok).unwrap();
+}
+
+fn renameat2(from: &std::path::Path, to: &std::path::Path, flags: u32) -> std::io::Result<()> {
+    let (f, t) = (cpath(from), cpath(to));
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    sys(r)
+}
+
+fn assert_whiteout(p: &std::path::Path, uid: u32, gid: u32) {
+    let m = fs::symlink_metadata(p).unwrap();
+    assert_eq!(
+        m.mode(),
+        libc::S_IFCHR,
+        "{}: mode {:o}",
+        p.display(),
+        m.mode()
+    );
+    assert_eq!(m.rdev(), 0, "{}: rdev", p.display());
+    assert_eq!((m.uid(), m.gid()), (uid, gid), "{}: owner", p.display());
+}
+
+#[test]
+fn rename_whiteout_leaves_a_whiteout_in_the_same_operation() {
+    use common::assert_errno;
+    let img = Image::new("64M");
+    let mut m = img.mount();
+    let dir = m.join("d");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::write(dir.join("src"), b"payload").unwrap();
+    fs::write(dir.join("busy"), b"old").unwrap();
+    // The kernel wants CAP_MKNOD for RENAME_WHITEOUT; a thread keeps it
+    // with its fsuid/fsgid switched, so the request comes from a user.
+    let d = dir.clone();
+    std::thread::spawn(move || {
+        unsafe {
+            libc::setfsgid(USER_A.1);
+            libc::setfsuid(USER_A.0);
+        }
+        renameat2(&d.join("src"), &d.join("dst"), libc::RENAME_WHITEOUT).unwrap();
+    })
+    .join()
+    .unwrap();
+    assert_whiteout(&dir.join("src"), USER_A.0, USER_A.1);
+    assert_eq!(fs::read(dir.join("dst")).unwrap(), b"payload");
+    // NOREPLACE|WHITEOUT onto an existing name: EEXIST, nothing moves.
+    let nw = libc::RENAME_NOREPLACE | libc::RENAME_WHITEOUT;
+    assert_errno(
+        renameat2(&dir.join("dst"), &dir.join("busy"), nw),
+        libc::EEXIST,
+        "NOREPLACE|WHITEOUT",
+    );
+    assert_eq!(fs::read(dir.join("dst")).unwrap(), b"payload");
+    assert_eq!(fs::read(dir.join("busy")).unwrap(), b"old");
+    // ...onto a free name it works, across directories too.
+    fs::create_dir(m.join("e")).unwrap();
+    renameat2(&dir.join("dst"), &m.join("e/moved"), nw).unwrap();
+    assert_whiteout(&dir.join("dst"), 0, 0);
+    // Replacing: the old target is gone, the source a whiteout.
+    renameat2(&dir.join("busy"), &m.join("e/moved"), libc::RENAME_WHITEOUT).unwrap();
+    assert_whiteout(&dir.join("busy"), 0, 0);
+    assert_eq!(fs::read(m.join("e/moved")).unwrap(), b"old");
+    // A whiteout may itself be renamed over with another whiteout.
+    fs::write(dir.join("x"), b"x").unwrap();
+    renameat2(&dir.join("x"), &dir.join("src"), libc::RENAME_WHITEOUT).unwrap();
+    assert_whiteout(&dir.join("x"), 0, 0);
+    assert_eq!(fs::read(dir.join("src")).unwrap(), b"x");
+    // EXCHANGE|WHITEOUT is EINVAL.
+    let xw = libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT;
+    assert_errno(
+        renameat2(&dir.join("src"), &m.join("e/moved"), xw),
+        libc::EINVAL,
+        "EXCHANGE|WHITEOUT",
+    );
+    let mut names: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["busy", "dst", "src", "x"]);
+    // All of it survives a remount and fsck finds it consistent.
+    m.unmount();
+    img.assert_fsck_clean();
+    m.mount();
+    assert_whiteout(&dir.join("dst"), 0, 0);
+    assert_whiteout(&dir.join("busy"), 0, 0);
+    assert_whiteout(&dir.join("x"), 0, 0);
+    assert_eq!(fs::read(m.join("e/moved")).unwrap(), b"old");
+    assert_eq!(fs::read(dir.join("src")).unwrap(), b"x");
+}
+
+#[test]
+fn overlayfs_takes_the_mount_as_its_upper_layer() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    for d in ["lower", "upper", "work", "ovl"] {
+        fs::create_dir(m.join(d)).unwrap();
+    }
+    fs::write(m.join("lower/gone"), b"lower").unwrap();
+    fs::write(m.join("lower/kept"), b"kept").unwrap();
+    let ovl = m.join("ovl");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        m.join("lower").display(),
+        m.join("upper").display(),
+        m.join("work").display()
+    );
+    let out = common::run_unchecked(
+        "mount",
+        &[
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &opts,
+            ovl.to_str().unwrap(),
+        ],
+    );
+    if !out.status.success() {
+        println!(
+            "SKIP: overlayfs cannot be mounted here: {}",
+            common::output_text(&out).trim()
+        );
+        return;
+    }
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            common::run_unchecked("umount", &[&self.0]);
+        }
+    }
+    let guard = Umount(ovl.clone());
+    // Deleting a lower file leaves a whiteout in the upper layer.
+    fs::remove_file(ovl.join("gone")).unwrap();
+    assert!(fs::symlink_metadata(ovl.join("gone")).is_err());
+    assert_whiteout(&m.join("upper/gone"), 0, 0);
+    assert_eq!(fs::read(m.join("lower/gone")).unwrap(), b"lower");
+    // Copy-up and renames through the overlay land in the upper layer.
+    fs::write(ovl.join("kept"), b"changed").unwrap();
+    assert_eq!(fs::read(m.join("upper/kept")).unwrap(), b"changed");
+    assert_eq!(fs::read(m.join("lower/kept")).unwrap(), b"kept");
+    fs::rename(ovl.join("kept"), ovl.join("renamed")).unwrap();
+    assert_eq!(fs::read(ovl.join("renamed")).unwrap(), b"changed");
+    assert!(fs::symlink_metadata(ovl.join("kept")).is_err());
+    let mut seen: Vec<_> = fs::read_dir(&ovl)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["renamed"]);
+    drop(guard);
+}
+
+#[test]
+fn cached_names_and_attributes_follow_every_change() {
+    let img = Image::new("64M");
+    let m = img.mount();
+    let p = m.join("f");
+    // A miss the kernel may now cache gives way to each way of making
+    // the name.
+    type Make = fn(&std::path::Path, &std::path::Path);
+    let makers: [(&str, Make); 6] = [
+        ("create", |_, p| fs::write(p, b"1").unwrap()),
+        ("mkdir", |_, p| fs::create_dir(p).unwrap()),
+        ("symlink", |_, p| {
+            std::os::unix::fs::symlink("t", p).unwrap()
+        }),
+        ("link", |root, p| {
+            fs::write(root.join("src"), b"s").unwrap();
+            fs::hard_link(root.join("src"), p).unwrap();
+            fs::remove_file(root.join("src")).unwrap();
+        }),
+        ("rename", |root, p| {
+            fs::write(root.join("src"), b"s").unwrap();
+            fs::rename(root.join("src"), p).unwrap();
+        }),
+        ("mknod", |_, p| {
+            let c = cpath(p);
+            sys(unsafe { libc::mknod(c.as_ptr(), libc::S_IFIFO | 0o600, 0) }).unwrap();
+        }),
+    ];
+    for (how, make) in makers {
+        for _ in 0..2 {
+            assert!(fs::symlink_metadata(&p).is_err(), "{how}: exists early");
+        }
+        make(m.path(), &p);
+        assert!(
+            fs::symlink_metadata(&p).is_ok(),
+            "{how}: the new name is hidden"
+        );
+        match fs::symlink_metadata(&p).unwrap().is_dir() {
+            true => fs::remove_dir(&p).unwrap(),
+            false => fs::remove_file(&p).unwrap(),
+        }
+        assert!(
+            fs::symlink_metadata(&p).is_err(),
+            "{how}: removed name still seen"
+        );
+    }
+    // Attributes cached for long still show what changed them: link
+    // counts through another name, sizes and times through other fds.
+    fs::write(&p, b"abc").unwrap();
+    let before = fs::metadata(&p).unwrap();
+    fs::hard_link(&p, m.join("g")).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().nlink(), 2);
+    std::thread::sleep(Duration::from_millis(20));
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("g"))
+        .unwrap()
+        .write_all(b"def")
+        .unwrap();
+    let after = fs::metadata(&p).unwrap();
+    assert_eq!(after.len(), 6);
+    assert!(after.mtime_nsec() != before.mtime_nsec() || after.mtime() != before.mtime());
+    fs::set_permissions(m.join("g"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+    fs::remove_file(m.join("g")).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().nlink(), 1);
+    // A directory's link count follows subdirectories made and moved.
+    fs::create_dir_all(m.join("a/sub")).unwrap();
+    fs::create_dir(m.join("b")).unwrap();
+    assert_eq!(fs::metadata(m.join("a")).unwrap().nlink(), 3);
+    fs::rename(m.join("a/sub"), m.join("b/sub")).unwrap();
+    assert_eq!(fs::metadata(m.join("a")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(m.join("b")).unwrap().nlink(), 3);
+    // ls -l's way (readdir with attributes) gives the same as stat.
+    let listed: Vec<(String, u64, u32)> = {
+        let mut v: Vec<_> = fs::read_dir(m.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = e.metadata().unwrap();
+                (e.file_name().into_string().unwrap(), md.ino(), md.mode())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for (name, ino, mode) in listed {
+        let md = fs::symlink_metadata(m.join(&name)).unwrap();
+        assert_eq!((md.ino(), md.mode()), (ino, mode), "{name}");
+    }
+}

@@ -5,11 +5,19 @@ use super::*;
 
 impl Fs {
     pub(super) fn check_name(name: &[u8]) -> Result<()> {
-        if name.len() > MAX_NAME_LEN {
-            return Err(FsError::NameTooLong);
-        }
+        Self::check_name_len(name)?;
         if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
             return Err(FsError::Invalid("bad file name"));
+        }
+        Ok(())
+    }
+
+    /// A name longer than NAME_MAX can never exist here: ENAMETOOLONG,
+    /// also for the ops that only look a name up (unlink, rename's
+    /// source), as on ext4, rather than ENOENT.
+    pub(super) fn check_name_len(name: &[u8]) -> Result<()> {
+        if name.len() > MAX_NAME_LEN {
+            return Err(FsError::NameTooLong);
         }
         Ok(())
     }
@@ -233,6 +241,7 @@ impl Fs {
 
     pub(super) fn remove(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
         self.writable()?;
+        Self::check_name_len(name)?;
         if name == b"." {
             return Err(FsError::Invalid("cannot remove ."));
         }
@@ -296,10 +305,52 @@ impl Fs {
         new_name: &[u8],
         mode: RenameMode,
     ) -> Result<()> {
+        self.rename_as(parent, name, new_parent, new_name, mode, None)
+    }
+
+    /// rename(2) with RENAME_WHITEOUT: as [`Fs::rename`] (`noreplace`:
+    /// RENAME_NOREPLACE too), and in the same log transaction the source
+    /// name becomes a whiteout, a character device 0/0 with mode 0 owned
+    /// by `caller`, as overlayfs wants of its upper layer.
+    pub fn rename_whiteout(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        noreplace: bool,
+    ) -> Result<()> {
+        let mode = if noreplace {
+            RenameMode::NoReplace
+        } else {
+            RenameMode::Replace
+        };
+        self.rename_as(parent, name, new_parent, new_name, mode, Some(caller))
+    }
+
+    fn rename_as(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+        whiteout: Option<Caller>,
+    ) -> Result<()> {
         self.writable()?;
+        Self::check_name_len(name)?;
         Self::check_name(new_name)?;
+        if whiteout.is_some() && mode == RenameMode::Exchange {
+            return Err(FsError::Invalid("RENAME_EXCHANGE with RENAME_WHITEOUT"));
+        }
         let mut st = self.state.write();
         let src = Self::child(&st.meta, parent, name)?;
+        // Everything that can fail is checked before the first record:
+        // the whiteout needs an inode, as mknod does.
+        if whiteout.is_some() && st.alloc.free_blocks() <= st.reserve / 2 {
+            return Err(FsError::NoSpace);
+        }
         let np = st.meta.get(new_parent).ok_or(FsError::NotFound)?;
         let dst = np.dir.as_ref().ok_or(FsError::NotDir)?.get(new_name);
         let src_kind = st.meta.get(src).unwrap().attrs.kind;
@@ -382,6 +433,16 @@ impl Fs {
         }
         self.reparent(&mut st, src, parent, new_parent, now);
         self.touch_dirs(&mut st, &[parent, new_parent], now);
+        if let Some(caller) = whiteout {
+            let node = NewNode {
+                kind: Kind::CharDev,
+                mode: libc::S_IFCHR,
+                rdev: 0,
+            };
+            // Cannot fail: the name was just freed in a live directory
+            // and the space was checked above.
+            self.create_node(&mut st, caller, parent, name, node)?;
+        }
         Ok(())
     }
 
@@ -439,60 +500,75 @@ impl Fs {
         &self,
         ino: u64,
         offset: u64,
-        f: impl FnMut(DirEntry<'_>) -> bool,
+        mut f: impl FnMut(DirEntry<'_>) -> bool,
     ) -> Result<()> {
-        let touch = self.list_dir(ino, offset, f)?;
+        let touch = self.list_dir(ino, offset, |e, _| f(e))?;
         if touch {
             self.touch_atime(ino);
         }
         Ok(())
     }
 
-    /// readdir's walk; returns whether the directory's atime is due.
+    /// [`Fs::readdir`] with each entry's attributes (READDIRPLUS), taken
+    /// under the same hold of the state lock as the entry.
+    pub fn readdir_plus(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut f: impl FnMut(DirEntry<'_>, &Attr) -> bool,
+    ) -> Result<()> {
+        // An entry naming no inode (never made by this code) is left out:
+        // there are no attributes to give for it.
+        let touch = self.list_dir(ino, offset, |e, i| {
+            i.is_some_and(|i| f(e, &self.attr_of(i)))
+        })?;
+        if touch {
+            self.touch_atime(ino);
+        }
+        Ok(())
+    }
+
+    /// readdir's walk, handing `f` each entry and its inode; returns
+    /// whether the directory's atime is due.
     pub(super) fn list_dir(
         &self,
         ino: u64,
         offset: u64,
-        mut f: impl FnMut(DirEntry<'_>) -> bool,
+        mut f: impl FnMut(DirEntry<'_>, Option<&meta::Inode>) -> bool,
     ) -> Result<bool> {
         let st = self.state.read();
         let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
         let d = i.dir.as_ref().ok_or(FsError::NotDir)?;
         let parent = i.attrs.parent;
         let due = self.atime_due(&i.attrs);
-        if offset < 1
-            && f(DirEntry {
-                ino,
-                offset: 1,
-                kind: Kind::Dir,
-                name: b".",
-            })
-        {
+        let dot = DirEntry {
+            ino,
+            offset: 1,
+            kind: Kind::Dir,
+            name: b".",
+        };
+        if offset < 1 && f(dot, Some(i)) {
             return Ok(due);
         }
-        if offset < 2
-            && f(DirEntry {
-                ino: parent,
-                offset: 2,
-                kind: Kind::Dir,
-                name: b"..",
-            })
-        {
+        let dotdot = DirEntry {
+            ino: parent,
+            offset: 2,
+            kind: Kind::Dir,
+            name: b"..",
+        };
+        if offset < 2 && f(dotdot, st.meta.get(parent)) {
             return Ok(due);
         }
         for (&cookie, name) in d.by_cookie.range(offset.max(FIRST_COOKIE - 1) + 1..) {
             let child = d.entries[name].0;
-            let kind = st
-                .meta
-                .get(child)
-                .map(|c| c.attrs.kind)
-                .unwrap_or(Kind::File);
-            if f(DirEntry {
+            let c = st.meta.get(child);
+            let e = DirEntry {
                 ino: child,
                 offset: cookie,
-                kind,
+                kind: c.map_or(Kind::File, |c| c.attrs.kind),
                 name,
-            }) {
+            };
+            if f(e, c) {
                 break;
             }
         }

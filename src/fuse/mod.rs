@@ -16,13 +16,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType, FopenFlags,
     Generation, INodeNo, KernelConfig, LockOwner, MountOption, Notifier, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session,
-    SessionACL, TimeOrNow, WriteFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    Session, SessionACL, TimeOrNow, WriteFlags,
 };
 use log::{debug, warn};
 use zerocopy::IntoBytes;
 
+use crate::format::MAX_NAME_LEN;
 use crate::fs::{
     Attr, Caller, FallocMode, Fs, FsError, Kind, RenameMode, SeekWhence, SetAttr, TimeSet,
     Timespec, XattrMode,
@@ -34,17 +35,26 @@ use crate::uapi::{self, DecodeError, Request as Ioctl};
 /// reaches the file through this mount and token writes invalidate what
 /// they change, so the page cache stays valid across opens; only a due
 /// atime update needs the next read to come here.
+///
+/// Always FOPEN_NOFLUSH: `flush` has nothing to do (writes reach the fs
+/// at once; data is made durable by fsync and the periodic commit), so
+/// close(2) need not wait for a round trip to the daemon.
 fn cache_flags(keep_cache: bool) -> FopenFlags {
     if keep_cache {
-        FopenFlags::FOPEN_KEEP_CACHE
+        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
     } else {
-        FopenFlags::empty()
+        FopenFlags::FOPEN_NOFLUSH
     }
 }
 
-/// How long the kernel may cache attributes and names. Every change goes
-/// through this mount, so the kernel's own invalidation keeps it right.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and names, found or not.
+/// The daemon is the only writer of its device and every change but a
+/// few goes through this mount, so the kernel's own invalidation keeps
+/// its cache right; the few (token WRITE and BATCH, fallocate) drop the
+/// kernel's attributes with inval_inode before they reply. Reads that
+/// move atime reach the daemon (no FOPEN_KEEP_CACHE then) and the
+/// kernel marks atime stale after each read or readdir it sends.
+const TTL: Duration = Duration::from_secs(3600);
 const GENERATION: Generation = Generation(0);
 /// Largest write the kernel may send in one request.
 const MAX_WRITE: u32 = 1 << 20;
@@ -206,6 +216,27 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// A negative entry: inode 0 tells the kernel "no such name, for TTL".
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
@@ -332,10 +363,23 @@ impl fuser::Filesystem for FuseFs {
         // File handles (open_by_handle_at, NFS export): inode numbers are
         // never reused, and lookup(ino, ".") revalidates them.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_EXPORT_SUPPORT);
+        // Lookups and readdirs of one directory may run at once: the fs
+        // serialises them itself with its state lock.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // READDIRPLUS (attributes with the names) when the kernel sees
+        // the names being looked up after a readdir (ls -l, find -type).
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
+        // fuser asks for max_pages from MAX_WRITE (256 pages = 1 MiB).
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        // No such name can exist; ENOENT would be wrong (pjdfstest).
+        if name.len() > MAX_NAME_LEN {
+            return reply.error(Errno::from_i32(libc::ENAMETOOLONG));
+        }
         // The kernel revalidates a file handle (open_by_handle_at, NFS
         // export) by looking up "." in any inode, not only in directories.
         let found = if name.as_bytes() == b"." {
@@ -343,7 +387,16 @@ impl fuser::Filesystem for FuseFs {
         } else {
             self.fs.lookup(parent.0, name.as_bytes())
         };
-        reply_entry(reply, found, "lookup");
+        match found {
+            // Cached as a negative dentry for TTL: a name appears only by
+            // a create, mknod, link or rename sent through the kernel,
+            // which replaces that dentry (a whiteout appears where the
+            // kernel has just moved the dentry away).
+            Err(FsError::NotFound) if name.as_bytes() != b"." => {
+                reply.entry(&TTL, &negative_attr(), GENERATION)
+            }
+            r => reply_entry(reply, r, "lookup"),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -451,7 +504,7 @@ impl fuser::Filesystem for FuseFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -459,11 +512,27 @@ impl fuser::Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let mode = if flags.contains(RenameFlags::RENAME_WHITEOUT)
+        let known = RenameFlags::RENAME_EXCHANGE
+            | RenameFlags::RENAME_NOREPLACE
+            | RenameFlags::RENAME_WHITEOUT;
+        if !known.contains(flags)
             || flags.contains(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_NOREPLACE)
+            || flags.contains(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT)
         {
             return reply.error(Errno::EINVAL);
-        } else if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+        }
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            let r = self.fs.rename_whiteout(
+                caller(req),
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.contains(RenameFlags::RENAME_NOREPLACE),
+            );
+            return reply_empty(reply, r, "rename");
+        }
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
             RenameMode::NoReplace
@@ -621,6 +690,30 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let r = self.fs.readdir_plus(ino.0, offset, |e, a| {
+            reply.add(
+                INodeNo(e.ino),
+                e.offset,
+                OsStr::from_bytes(e.name),
+                &TTL,
+                &file_attr(a),
+                GENERATION,
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("readdirplus", e)),
+        }
+    }
+
     fn fsyncdir(
         &self,
         _req: &Request,
@@ -705,7 +798,7 @@ impl fuser::Filesystem for FuseFs {
                 &file_attr(&a),
                 GENERATION,
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                cache_flags(true),
             ),
             Err(e) => reply.error(fail("create", e)),
         }
