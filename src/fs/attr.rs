@@ -9,15 +9,25 @@ impl Fs {
     /// cached writes the size, times and blocks those writes imply.
     pub(super) fn attr_of(&self, i: &meta::Inode) -> Attr {
         let mut attr = Self::logged_attr(i);
-        if i.attrs.kind == Kind::File {
-            if let Some(o) = self.cache.overlay(i.attrs.ino) {
-                attr.size = attr.size.max(o.size);
-                attr.mtime = o.mtime.unwrap_or(attr.mtime);
-                attr.ctime = attr.ctime.max(o.ctime);
-                attr.blocks += o.reserved_blocks * (BS / 512);
-            }
+        if let Some((a, reserved)) = self.with_cached_writes(&i.attrs) {
+            (attr.size, attr.mtime, attr.ctime) = (a.size, a.mtime, a.ctime);
+            attr.blocks += reserved * (BS / 512);
         }
         attr
+    }
+
+    /// `a` as the file's cached writes left it (with the blocks they
+    /// reserved); None if it has none.
+    pub(super) fn with_cached_writes(&self, a: &InodeAttrs) -> Option<(InodeAttrs, u64)> {
+        if a.kind != Kind::File {
+            return None;
+        }
+        let o = self.cache.overlay(a.ino)?;
+        let mut a = a.clone();
+        a.size = a.size.max(o.size);
+        a.mtime = o.mtime.unwrap_or(a.mtime);
+        a.ctime = a.ctime.max(o.ctime);
+        Some((a, o.reserved_blocks))
     }
 
     fn logged_attr(i: &meta::Inode) -> Attr {

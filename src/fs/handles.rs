@@ -23,7 +23,12 @@ impl Fs {
     /// mount's atime mode).
     pub fn read_updates_atime(&self, ino: u64) -> bool {
         let st = self.state.read();
-        st.meta.get(ino).is_some_and(|i| self.atime_due(&i.attrs))
+        st.meta
+            .get(ino)
+            .is_some_and(|i| match self.with_cached_writes(&i.attrs) {
+                Some((a, _)) => self.atime_due(&a),
+                None => self.atime_due(&i.attrs),
+            })
     }
 
     /// Opens `ino` (a file or a directory); returns the handle.
