@@ -124,6 +124,12 @@ impl Cache {
         self.limit > 0
     }
 
+    /// Where the flusher starts: an eighth of the limit, so a streaming
+    /// writer's data is mostly on the device by the time it fsyncs.
+    fn background(&self) -> u64 {
+        self.limit / 8
+    }
+
     /// Bytes of dirty pages now.
     pub fn dirty_bytes(&self) -> u64 {
         self.bytes.load(Ordering::SeqCst)
@@ -246,25 +252,32 @@ impl Fs {
                     st.delalloc = st.delalloc.saturating_sub(holes);
                     return Err(e.into());
                 }
-                let mut page = Page::zeroed(false);
-                page.data.copy_from_slice(&block);
-                filled.push((b, page));
+                filled.push((b, Page::from_bytes(&block, false)));
             }
             d.reserved += holes;
             let added = zeroed.len() + filled.len();
             self.cache
                 .bytes
                 .fetch_add(added as u64 * BS, Ordering::SeqCst);
+            // New pages the write covers whole are made from its bytes
+            // (no zeroing first); `d` stays locked until the data is in, so
+            // a write-back never sees a page planned but not yet filled.
+            let mut made = vec![false; (lb + 1 - fb) as usize];
             for (b, reserved) in zeroed {
-                d.pages.insert(b, Page::zeroed(reserved));
+                let (from, to) = (b * BS, (b + 1) * BS);
+                let page = if offset <= from && end >= to {
+                    let at = (from - offset) as usize;
+                    made[(b - fb) as usize] = true;
+                    Page::from_bytes(&data[at..at + BS as usize], reserved)
+                } else {
+                    Page::zeroed(reserved)
+                };
+                d.pages.insert(b, page);
             }
-            // `d` stays locked until the data is in: a write-back never
-            // sees a page planned but not yet filled.
             d.pages.extend(filled);
-            for b in fb..=lb {
+            for b in (fb..=lb).filter(|b| !made[(b - fb) as usize]) {
+                let (from, to) = (offset.max(b * BS), end.min((b + 1) * BS));
                 let page = d.pages.get_mut(&b).expect("every block was planned");
-                let from = offset.max(b * BS);
-                let to = end.min((b + 1) * BS);
                 let at = (from - b * BS) as usize;
                 page.data[at..at + (to - from) as usize]
                     .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
@@ -275,7 +288,7 @@ impl Fs {
             d.ctime = now;
             break;
         }
-        if self.cache.dirty_bytes() >= self.cache.limit / 2 {
+        if self.cache.dirty_bytes() >= self.cache.background() {
             self.cache.wake.work.notify_one();
         }
         Ok(data.len())
@@ -625,11 +638,10 @@ impl Fs {
                     }
                 }
                 let Some(fs) = weak.upgrade() else { return };
-                let limit = fs.cache.limit;
-                if fs.cache.dirty_bytes() < limit / 2 {
+                if fs.cache.dirty_bytes() < fs.cache.background() {
                     continue;
                 }
-                while fs.cache.dirty_bytes() >= limit / 4 {
+                while fs.cache.dirty_bytes() >= fs.cache.background() / 2 {
                     match fs.write_back_some(CHUNK_PAGES) {
                         Ok(0) => break,
                         Ok(_) => {}
@@ -673,6 +685,13 @@ impl Dirty {
 }
 
 impl Page {
+    fn from_bytes(bytes: &[u8], reserved: bool) -> Self {
+        Self {
+            data: bytes.into(),
+            reserved,
+        }
+    }
+
     fn zeroed(reserved: bool) -> Self {
         Self {
             data: vec![0u8; BS as usize].into_boxed_slice(),
