@@ -377,29 +377,36 @@ impl Fs {
             if left == 0 {
                 break;
             }
-            let mut d = entry.lock();
-            let n = d.pages.len().min(left);
-            let keys: Vec<u64> = d.pages.keys().take(n).copied().collect();
+            // Out of the map under the lock (moves only); copied into
+            // runs after it, so writers of this file are not held up.
+            let pages: Vec<(u64, Page)> = {
+                let mut d = entry.lock();
+                let n = d.pages.len().min(left);
+                let mut pages = Vec::with_capacity(n);
+                while pages.len() < n {
+                    pages.push(d.pages.pop_first().expect("counted above"));
+                }
+                let reserved: u64 = pages.iter().map(|(_, p)| u64::from(p.reserved)).sum();
+                d.reserved -= reserved;
+                d.writing = true;
+                pages
+            };
+            let n = pages.len();
+            let reserved = pages.iter().map(|(_, p)| u64::from(p.reserved)).sum();
             let mut runs: Vec<(u64, AlignedBuf)> = Vec::new();
-            let mut reserved = 0;
             let mut k = 0;
-            while k < keys.len() {
+            while k < n {
                 let mut j = k + 1;
-                while j < keys.len() && keys[j] == keys[j - 1] + 1 {
+                while j < n && pages[j].0 == pages[j - 1].0 + 1 {
                     j += 1;
                 }
                 let mut buf = AlignedBuf::new((j - k) * BS as usize);
-                for (slot, key) in keys[k..j].iter().enumerate() {
-                    let page = d.pages.remove(key).expect("key listed above");
-                    reserved += u64::from(page.reserved);
+                for (slot, (_, page)) in pages[k..j].iter().enumerate() {
                     buf[slot * BS as usize..(slot + 1) * BS as usize].copy_from_slice(&page.data);
                 }
-                runs.push((keys[k], buf));
+                runs.push((pages[k].0, buf));
                 k = j;
             }
-            d.reserved -= reserved;
-            d.writing = true;
-            drop(d);
             left -= n;
             out.push(Taken {
                 ino,
