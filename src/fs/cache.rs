@@ -44,8 +44,13 @@ pub(super) struct Cache {
     /// queue, so no write is half in a commit.
     pub(super) gate: RwLock<()>,
     /// One write-back at a time: who finds a file's pages gone waits here
-    /// until they are on the device and mapped.
-    writeback: Mutex<()>,
+    /// until they are on the device and mapped. It holds the buffer every
+    /// write-back copies its pages into (one, reused: no allocation churn).
+    writeback: Mutex<Option<AlignedBuf>>,
+    /// Pages freed by write-back, for writers to reuse: pages are made and
+    /// freed on different threads, and the allocator would otherwise keep
+    /// a dirty limit's worth per thread.
+    pool: Mutex<Vec<Box<[u8]>>>,
     wake: Arc<Wake>,
     flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -86,14 +91,24 @@ pub(super) struct Overlay {
 }
 
 /// Pages taken from one file for a write-back: runs of consecutive
-/// blocks, copied into aligned buffers.
+/// blocks, copied into the write-back buffer.
 struct Taken {
     ino: u64,
     entry: Arc<Mutex<Dirty>>,
-    runs: Vec<(u64, AlignedBuf)>,
+    runs: Vec<TakenRun>,
     reserved: u64,
     pages: u64,
 }
+
+/// Consecutive blocks from `first_block`, at byte `at` of the buffer.
+struct TakenRun {
+    first_block: u64,
+    at: usize,
+    blocks: u64,
+}
+
+/// Pages the pool keeps at most (16 MiB).
+const POOL_PAGES: usize = 2 * CHUNK_PAGES;
 
 /// Where a taken run goes: device ranges, and which of its blocks the
 /// write-back newly maps (allocated now, or unwritten until now).
@@ -111,7 +126,8 @@ impl Cache {
             files: Mutex::new(HashMap::new()),
             bytes: AtomicU64::new(0),
             gate: RwLock::new(()),
-            writeback: Mutex::new(()),
+            writeback: Mutex::new(None),
+            pool: Mutex::new(Vec::new()),
             wake: Arc::new(Wake {
                 stop: Mutex::new(false),
                 work: Condvar::new(),
@@ -151,6 +167,34 @@ impl Cache {
             ctime: d.ctime,
             reserved_blocks: d.reserved,
         })
+    }
+
+    /// A page holding `bytes` (a whole block), or zeros.
+    fn page(&self, bytes: Option<&[u8]>, reserved: bool) -> Page {
+        let reused = self.pool.lock().pop();
+        let data = match (reused, bytes) {
+            (Some(mut data), Some(b)) => {
+                data.copy_from_slice(b);
+                data
+            }
+            (Some(mut data), None) => {
+                data.fill(0);
+                data
+            }
+            (None, Some(b)) => b.into(),
+            (None, None) => vec![0u8; BS as usize].into_boxed_slice(),
+        };
+        Page { data, reserved }
+    }
+
+    fn recycle(&self, pages: impl IntoIterator<Item = Page>) {
+        let mut pool = self.pool.lock();
+        for p in pages {
+            if pool.len() >= POOL_PAGES {
+                break;
+            }
+            pool.push(p.data);
+        }
     }
 
     /// After setattr set the mtime: it wins over the cached writes' time.
@@ -252,7 +296,7 @@ impl Fs {
                     st.delalloc = st.delalloc.saturating_sub(holes);
                     return Err(e.into());
                 }
-                filled.push((b, Page::from_bytes(&block, false)));
+                filled.push((b, self.cache.page(Some(&block), false)));
             }
             d.reserved += holes;
             let added = zeroed.len() + filled.len();
@@ -268,9 +312,9 @@ impl Fs {
                 let page = if offset <= from && end >= to {
                     let at = (from - offset) as usize;
                     made[(b - fb) as usize] = true;
-                    Page::from_bytes(&data[at..at + BS as usize], reserved)
+                    self.cache.page(Some(&data[at..at + BS as usize]), reserved)
                 } else {
-                    Page::zeroed(reserved)
+                    self.cache.page(None, reserved)
                 };
                 d.pages.insert(b, page);
             }
@@ -306,10 +350,11 @@ impl Fs {
 
     /// Writes back up to `max_pages` pages of any files; returns how many.
     fn write_back_some(&self, max_pages: usize) -> Result<u64> {
-        let _wb = self.cache.writeback.lock();
-        let taken = self.take(None, max_pages);
+        let mut wb = self.cache.writeback.lock();
+        let buf = run_buffer(&mut wb);
+        let taken = self.take(None, max_pages, buf);
         let pages = taken.iter().map(|t| t.pages).sum();
-        self.write_back(taken)?;
+        self.write_back(taken, buf)?;
         Ok(pages)
     }
 
@@ -319,13 +364,14 @@ impl Fs {
         if !self.cache.holds(ino) {
             return Ok(());
         }
-        let _wb = self.cache.writeback.lock();
+        let mut wb = self.cache.writeback.lock();
+        let buf = run_buffer(&mut wb);
         while self.cache.holds(ino) {
-            let taken = self.take(Some(ino), CHUNK_PAGES);
+            let taken = self.take(Some(ino), CHUNK_PAGES, buf);
             if taken.is_empty() {
                 break;
             }
-            self.write_back(taken)?;
+            self.write_back(taken, buf)?;
         }
         Ok(())
     }
@@ -338,14 +384,15 @@ impl Fs {
             return Ok(());
         }
         let mut budget = self.cache.dirty_bytes() / BS + self.cache.files.lock().len() as u64 + 1;
-        let _wb = self.cache.writeback.lock();
+        let mut wb = self.cache.writeback.lock();
+        let buf = run_buffer(&mut wb);
         loop {
-            let taken = self.take(None, CHUNK_PAGES);
+            let taken = self.take(None, CHUNK_PAGES, buf);
             if taken.is_empty() {
                 return Ok(());
             }
             let cost: u64 = taken.iter().map(|t| t.pages + 1).sum();
-            self.write_back(taken)?;
+            self.write_back(taken, buf)?;
             if bounded {
                 budget = budget.saturating_sub(cost);
                 if budget == 0 {
@@ -359,7 +406,7 @@ impl Fs {
     /// blocks first), copied into runs; files with no pages left are
     /// taken too, so that their attributes get logged and they leave the
     /// map. The caller holds `writeback`.
-    fn take(&self, only: Option<u64>, max_pages: usize) -> Vec<Taken> {
+    fn take(&self, only: Option<u64>, max_pages: usize, buf: &mut AlignedBuf) -> Vec<Taken> {
         let entries: Vec<(u64, Arc<Mutex<Dirty>>)> = {
             let files = self.cache.files.lock();
             match only {
@@ -371,7 +418,8 @@ impl Fs {
                 None => files.iter().map(|(&i, e)| (i, e.clone())).collect(),
             }
         };
-        let mut left = max_pages;
+        let mut left = max_pages.min(buf.len() / BS as usize);
+        let mut used = 0;
         let mut out = Vec::new();
         for (ino, entry) in entries {
             if left == 0 {
@@ -393,20 +441,20 @@ impl Fs {
             };
             let n = pages.len();
             let reserved = pages.iter().map(|(_, p)| u64::from(p.reserved)).sum();
-            let mut runs: Vec<(u64, AlignedBuf)> = Vec::new();
-            let mut k = 0;
-            while k < n {
-                let mut j = k + 1;
-                while j < n && pages[j].0 == pages[j - 1].0 + 1 {
-                    j += 1;
+            let mut runs: Vec<TakenRun> = Vec::new();
+            for (b, page) in &pages {
+                match runs.last_mut() {
+                    Some(r) if r.first_block + r.blocks == *b => r.blocks += 1,
+                    _ => runs.push(TakenRun {
+                        first_block: *b,
+                        at: used,
+                        blocks: 1,
+                    }),
                 }
-                let mut buf = AlignedBuf::new((j - k) * BS as usize);
-                for (slot, (_, page)) in pages[k..j].iter().enumerate() {
-                    buf[slot * BS as usize..(slot + 1) * BS as usize].copy_from_slice(&page.data);
-                }
-                runs.push((pages[k].0, buf));
-                k = j;
+                buf[used..used + BS as usize].copy_from_slice(&page.data);
+                used += BS as usize;
             }
+            self.cache.recycle(pages.into_iter().map(|(_, p)| p));
             left -= n;
             out.push(Taken {
                 ino,
@@ -422,12 +470,12 @@ impl Fs {
     /// Puts taken pages on the device: allocates their holes (their
     /// reservations become blocks), writes every run in one submission,
     /// then logs the maps and the size and times the data implies.
-    fn write_back(&self, taken: Vec<Taken>) -> Result<()> {
+    fn write_back(&self, taken: Vec<Taken>, buf: &AlignedBuf) -> Result<()> {
         if taken.is_empty() {
             return Ok(());
         }
         let pages: u64 = taken.iter().map(|t| t.pages).sum();
-        let result = self.write_back_taken(&taken);
+        let result = self.write_back_taken(&taken, buf);
         for t in &taken {
             t.entry.lock().writing = false;
         }
@@ -438,7 +486,7 @@ impl Fs {
         result
     }
 
-    fn write_back_taken(&self, taken: &[Taken]) -> Result<()> {
+    fn write_back_taken(&self, taken: &[Taken], buf: &AlignedBuf) -> Result<()> {
         self.fail_if_broken()?;
         let plans: Vec<Option<Vec<RunPlan>>> = {
             let mut st = self.state.write();
@@ -449,34 +497,15 @@ impl Fs {
             }
             plans
         };
-        let bufs: Vec<IoBuffer<'_>> = taken
-            .iter()
-            .flat_map(|t| t.runs.iter().map(|(_, b)| IoBuffer::from_ref(b)))
-            .collect();
-        let flat: Vec<&RunPlan> = taken
-            .iter()
-            .zip(&plans)
-            .flat_map(|(t, p)| {
-                t.runs
-                    .iter()
-                    .enumerate()
-                    .map(move |(k, _)| p.as_ref().map(|p| &p[k]))
-            })
-            .map(|p| p.unwrap_or(&EMPTY_PLAN))
-            .collect();
-        let transfers: Vec<(&IoBuffer<'_>, &[IoRange])> = bufs
-            .iter()
-            .zip(&flat)
-            .filter(|(_, p)| !p.ranges.is_empty())
-            .map(|(b, p)| (b, p.ranges.as_slice()))
-            .collect();
-        let failed = if transfers.is_empty() {
+        let flat: Vec<&RunPlan> = plans.iter().flatten().flatten().collect();
+        let ranges: Vec<IoRange> = flat.iter().flat_map(|p| p.ranges.iter().copied()).collect();
+        // Every run in one submission: the device sees them as one queue.
+        let failed = if ranges.is_empty() {
             None
         } else {
             self.dev
-                .submit_many(Direction::Write, &transfers)
-                .into_iter()
-                .find_map(|r| r.err())
+                .submit(Direction::Write, &IoBuffer::from_ref(buf), &ranges)
+                .err()
         };
         let mut st = self.state.write();
         if let Some(e) = failed {
@@ -516,7 +545,7 @@ impl Fs {
             let written_to = t
                 .runs
                 .iter()
-                .map(|(b, buf)| b * BS + buf.len() as u64)
+                .map(|r| (r.first_block + r.blocks) * BS)
                 .max()
                 .unwrap_or(0);
             let mut d = t.entry.lock();
@@ -556,8 +585,8 @@ impl Fs {
     fn plan_write_back(&self, st: &mut State, t: &Taken) -> Option<Vec<RunPlan>> {
         let i = st.meta.get(t.ino).filter(|i| i.attrs.kind == Kind::File)?;
         let mut layout = Vec::new();
-        for (fb, buf) in &t.runs {
-            let n = buf.len() as u64 / BS;
+        for r in &t.runs {
+            let (fb, n) = (&r.first_block, r.blocks);
             let hint = i
                 .extents
                 .range(..*fb)
@@ -566,12 +595,12 @@ impl Fs {
             layout.push((runs(i, *fb, n), hint));
         }
         let mut plans = Vec::new();
-        for ((fb, _), (pieces, mut hint)) in t.runs.iter().zip(layout) {
+        for (r, (pieces, mut hint)) in t.runs.iter().zip(layout) {
             let mut plan = RunPlan::default();
             let place = |plan: &mut RunPlan, file_block: u64, dev: u64, len: u64| {
                 plan.ranges.push(IoRange {
                     dev_offset: dev * BS,
-                    buf_offset: ((file_block - fb) * BS) as usize,
+                    buf_offset: r.at + ((file_block - r.first_block) * BS) as usize,
                     len: (len * BS) as usize,
                 });
             };
@@ -620,8 +649,10 @@ impl Fs {
         self.cache
             .bytes
             .fetch_sub(d.pages.len() as u64 * BS, Ordering::SeqCst);
-        d.pages.clear();
         d.reserved = 0;
+        let pages = std::mem::take(&mut d.pages);
+        drop(d);
+        self.cache.recycle(pages.into_values());
     }
 
     /// Starts the thread that writes back once half the limit is dirty.
@@ -672,11 +703,10 @@ impl Fs {
     }
 }
 
-static EMPTY_PLAN: RunPlan = RunPlan {
-    ranges: Vec::new(),
-    maps: Vec::new(),
-    allocated: Vec::new(),
-};
+/// The write-back buffer in its slot, made on first use.
+fn run_buffer(slot: &mut Option<AlignedBuf>) -> &mut AlignedBuf {
+    slot.get_or_insert_with(|| AlignedBuf::new(CHUNK_PAGES * BS as usize))
+}
 
 impl Dirty {
     fn new(a: &InodeAttrs) -> Self {
@@ -687,22 +717,6 @@ impl Dirty {
             ctime: a.ctime,
             reserved: 0,
             writing: false,
-        }
-    }
-}
-
-impl Page {
-    fn from_bytes(bytes: &[u8], reserved: bool) -> Self {
-        Self {
-            data: bytes.into(),
-            reserved,
-        }
-    }
-
-    fn zeroed(reserved: bool) -> Self {
-        Self {
-            data: vec![0u8; BS as usize].into_boxed_slice(),
-            reserved,
         }
     }
 }
