@@ -74,6 +74,9 @@ struct Dirty {
     /// Pages of this file are being written back and their blocks are not
     /// mapped yet: a partial write must not start a page from zeros.
     writing: bool,
+    /// Of those, the blocks that were holes: the write-back maps them, so
+    /// a write to one reserves nothing, and `stat` still counts them.
+    flight_holes: std::collections::BTreeSet<u64>,
 }
 
 struct Page {
@@ -165,7 +168,7 @@ impl Cache {
             size: d.size,
             mtime: d.mtime,
             ctime: d.ctime,
-            reserved_blocks: d.reserved,
+            reserved_blocks: d.reserved + d.flight_holes.len() as u64,
         })
     }
 
@@ -225,6 +228,9 @@ impl Fs {
         // A partial write over written blocks that are not cached reads
         // them first; holding `writeback` meanwhile keeps them current.
         let mut wb = None;
+        // Blocks read while no lock but `writeback` was held (it keeps
+        // them current): never a device read under the file's lock.
+        let mut prefetched: HashMap<u64, AlignedBuf> = HashMap::new();
         loop {
             let mut st = self.state.write();
             let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
@@ -249,6 +255,9 @@ impl Fs {
                         for b in file_block..file_block + len {
                             let whole = offset <= b * BS && end >= (b + 1) * BS;
                             if d.pages.contains_key(&b) {
+                            } else if d.flight_holes.contains(&b) && whole {
+                                // Mapped by the write-back in flight.
+                                zeroed.push((b, false));
                             } else if whole || !d.writing {
                                 zeroed.push((b, true));
                             } else {
@@ -279,25 +288,32 @@ impl Fs {
                 wb = Some(self.cache.writeback.lock());
                 continue;
             }
+            debug_assert!(fills.iter().all(|f| f.1 != u64::MAX), "nothing in flight");
+            let missing: Vec<(u64, u64)> = fills
+                .iter()
+                .filter(|f| !prefetched.contains_key(&f.0))
+                .copied()
+                .collect();
+            if !missing.is_empty() {
+                drop(d);
+                drop(st);
+                for (b, dev) in missing {
+                    let mut block = AlignedBuf::new(BS as usize);
+                    self.dev.read_at(dev * BS, &mut block)?;
+                    prefetched.insert(b, block);
+                }
+                continue;
+            }
             let holes = zeroed.iter().filter(|z| z.1).count() as u64;
             if holes > st.room() {
                 return Err(FsError::NoSpace);
             }
             st.delalloc += holes;
             drop(st);
-            // Reads first: a failed one leaves nothing behind but the
-            // reservation, given back below.
-            let mut filled = Vec::with_capacity(fills.len());
-            for (b, dev) in fills {
-                let mut block = AlignedBuf::new(BS as usize);
-                if let Err(e) = self.dev.read_at(dev * BS, &mut block) {
-                    drop(d);
-                    let mut st = self.state.write();
-                    st.delalloc = st.delalloc.saturating_sub(holes);
-                    return Err(e.into());
-                }
-                filled.push((b, self.cache.page(Some(&block), false)));
-            }
+            let filled: Vec<(u64, Page)> = fills
+                .iter()
+                .map(|&(b, _)| (b, self.cache.page(Some(&prefetched[&b]), false)))
+                .collect();
             d.reserved += holes;
             let added = zeroed.len() + filled.len();
             self.cache
@@ -437,6 +453,8 @@ impl Fs {
                 let reserved: u64 = pages.iter().map(|(_, p)| u64::from(p.reserved)).sum();
                 d.reserved -= reserved;
                 d.writing = true;
+                let holes = pages.iter().filter(|(_, p)| p.reserved).map(|(b, _)| *b);
+                d.flight_holes.extend(holes);
                 pages
             };
             let n = pages.len();
@@ -477,7 +495,9 @@ impl Fs {
         let pages: u64 = taken.iter().map(|t| t.pages).sum();
         let result = self.write_back_taken(&taken, buf);
         for t in &taken {
-            t.entry.lock().writing = false;
+            let mut d = t.entry.lock();
+            d.writing = false;
+            d.flight_holes.clear();
         }
         self.cache.bytes.fetch_sub(pages * BS, Ordering::SeqCst);
         if result.is_err() {
@@ -493,7 +513,17 @@ impl Fs {
             let mut plans = Vec::with_capacity(taken.len());
             for t in taken {
                 st.delalloc = st.delalloc.saturating_sub(t.reserved);
-                plans.push(self.plan_write_back(&mut st, t));
+            }
+            for t in taken {
+                match self.plan_write_back(&mut st, t) {
+                    Ok(p) => plans.push(p),
+                    Err(e) => {
+                        for p in plans.iter().flatten().flatten() {
+                            Self::release_allocated(&mut st, p);
+                        }
+                        return Err(e);
+                    }
+                }
             }
             plans
         };
@@ -510,9 +540,7 @@ impl Fs {
         let mut st = self.state.write();
         if let Some(e) = failed {
             for p in flat {
-                for &(s, l) in &p.allocated {
-                    st.alloc.release(s, l);
-                }
+                Self::release_allocated(&mut st, p);
             }
             return Err(e.into());
         }
@@ -521,9 +549,7 @@ impl Fs {
             let plan = plan.unwrap_or_default();
             if st.meta.get(t.ino).is_none() {
                 for p in &plan {
-                    for &(s, l) in &p.allocated {
-                        st.alloc.release(s, l);
-                    }
+                    Self::release_allocated(&mut st, p);
                 }
                 self.forget_entry(t);
                 continue;
@@ -551,6 +577,7 @@ impl Fs {
             let mut d = t.entry.lock();
             // Mapped now (under this state lock), so writers may plan on it.
             d.writing = false;
+            d.flight_holes.clear();
             let done = d.pages.is_empty();
             let Some(i) = st.meta.get(t.ino) else {
                 continue;
@@ -574,6 +601,12 @@ impl Fs {
         Ok(())
     }
 
+    fn release_allocated(st: &mut State, plan: &RunPlan) {
+        for &(s, l) in &plan.allocated {
+            st.alloc.release(s, l);
+        }
+    }
+
     fn forget_entry(&self, t: &Taken) {
         let mut files = self.cache.files.lock();
         if files.get(&t.ino).is_some_and(|e| Arc::ptr_eq(e, &t.entry)) {
@@ -582,8 +615,10 @@ impl Fs {
     }
 
     /// Where one file's taken runs go; None if the file is gone.
-    fn plan_write_back(&self, st: &mut State, t: &Taken) -> Option<Vec<RunPlan>> {
-        let i = st.meta.get(t.ino).filter(|i| i.attrs.kind == Kind::File)?;
+    fn plan_write_back(&self, st: &mut State, t: &Taken) -> Result<Option<Vec<RunPlan>>> {
+        let Some(i) = st.meta.get(t.ino).filter(|i| i.attrs.kind == Kind::File) else {
+            return Ok(None);
+        };
         let mut layout = Vec::new();
         for r in &t.runs {
             let (fb, n) = (&r.first_block, r.blocks);
@@ -626,17 +661,23 @@ impl Fs {
                             hint = Some(s + l);
                         }
                         if f < file_block + len {
+                            // A reservation count gone wrong: fail loudly
+                            // (fsync says EIO) rather than drop the pages.
                             error!(
                                 "write-back of inode {}: no block for a reserved page",
                                 t.ino
                             );
+                            for p in plans.iter().chain([&plan]) {
+                                Self::release_allocated(st, p);
+                            }
+                            return Err(FsError::NoSpace);
                         }
                     }
                 }
             }
             plans.push(plan);
         }
-        Some(plans)
+        Ok(Some(plans))
     }
 
     /// Forgets a dropped inode's cached data (its number may be reused).
@@ -717,6 +758,7 @@ impl Dirty {
             ctime: a.ctime,
             reserved: 0,
             writing: false,
+            flight_holes: Default::default(),
         }
     }
 }
@@ -724,6 +766,8 @@ impl Dirty {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
+
+    use std::sync::atomic::AtomicBool;
 
     use super::*;
     use crate::blockdev::record::RecordingDevice;
@@ -914,6 +958,124 @@ mod tests {
         fs.unmount().unwrap();
         let fs = mount(&mem, opts(DEFAULT_DIRTY_LIMIT));
         assert_eq!(content(&fs, ino), want, "after remount");
+    }
+
+    /// A device whose next write-back submission waits until released,
+    /// to look at the filesystem while a write-back is in flight.
+    struct Stall {
+        inner: Arc<MemDevice>,
+        armed: AtomicBool,
+        entered: Mutex<bool>,
+        released: Mutex<bool>,
+        cv: Condvar,
+    }
+
+    impl Stall {
+        fn new(inner: Arc<MemDevice>) -> Arc<Self> {
+            Arc::new(Self {
+                inner,
+                armed: false.into(),
+                entered: Mutex::new(false),
+                released: Mutex::new(false),
+                cv: Condvar::new(),
+            })
+        }
+
+        fn wait_entered(&self) {
+            let mut e = self.entered.lock();
+            while !*e {
+                self.cv.wait(&mut e);
+            }
+        }
+
+        fn release(&self) {
+            *self.released.lock() = true;
+            self.cv.notify_all();
+        }
+    }
+
+    impl BlockDevice for Stall {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+
+        fn submit(
+            &self,
+            dir: Direction,
+            buf: &IoBuffer<'_>,
+            ranges: &[IoRange],
+        ) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            if matches!(dir, Direction::Write) && self.armed.swap(false, Ordering::SeqCst) {
+                *self.entered.lock() = true;
+                self.cv.notify_all();
+                let mut r = self.released.lock();
+                while !*r {
+                    self.cv.wait(&mut r);
+                }
+            }
+            self.inner.submit(dir, buf, ranges)
+        }
+
+        fn flush(&self) -> std::result::Result<(), crate::blockdev::DeviceError> {
+            self.inner.flush()
+        }
+
+        fn describe(&self) -> String {
+            "stall".into()
+        }
+    }
+
+    #[test]
+    fn st_blocks_hold_while_a_write_back_is_in_flight() {
+        let dev = Stall::new(fresh(4096));
+        let fs = Fs::mount(
+            dev.clone() as Arc<dyn BlockDevice>,
+            opts(DEFAULT_DIRTY_LIMIT),
+        )
+        .unwrap();
+        let ino = new_file(&fs, b"f");
+        fs.write(ino, 0, &bytes(1, 10 * BS as usize)).unwrap();
+        assert_eq!(fs.getattr(ino).unwrap().blocks, 80);
+        dev.armed.store(true, Ordering::SeqCst);
+        let t = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.fsync(ROOT_INO))
+        };
+        dev.wait_entered();
+        let mid = fs.getattr(ino).unwrap().blocks;
+        dev.release();
+        t.join().unwrap().unwrap();
+        assert_eq!(mid, 80, "st_blocks while the write-back is in flight");
+        assert_eq!(fs.getattr(ino).unwrap().blocks, 80);
+    }
+
+    #[test]
+    fn rewriting_pages_in_flight_reserves_nothing_twice() {
+        let dev = Stall::new(fresh(4096));
+        let fs = Fs::mount(
+            dev.clone() as Arc<dyn BlockDevice>,
+            opts(DEFAULT_DIRTY_LIMIT),
+        )
+        .unwrap();
+        let ino = new_file(&fs, b"f");
+        let room = fs.state.read().room();
+        fs.write(ino, 0, &bytes(1, (room * BS) as usize)).unwrap();
+        assert_eq!(fs.state.read().room(), 0);
+        dev.armed.store(true, Ordering::SeqCst);
+        let t = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.write_back_some(CHUNK_PAGES))
+        };
+        dev.wait_entered();
+        // A whole page, whose block the write-back in flight allocated.
+        let r = fs.write(ino, 0, &bytes(2, BS as usize));
+        dev.release();
+        t.join().unwrap().unwrap();
+        r.expect("a rewrite of a page being written back");
+        fs.fsync(ROOT_INO).unwrap();
+        let got = content(&fs, ino);
+        assert_eq!(&got[..BS as usize], &bytes(2, BS as usize)[..]);
+        assert_eq!(fs.state.read().delalloc, 0);
     }
 
     #[derive(Debug, Clone)]
