@@ -13,6 +13,8 @@
 
 pub mod fault;
 pub mod file;
+#[cfg(test)]
+pub mod hold;
 pub mod mem;
 pub mod record;
 pub mod undo;

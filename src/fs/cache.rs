@@ -767,9 +767,8 @@ impl Dirty {
 mod tests {
     use proptest::prelude::*;
 
-    use std::sync::atomic::AtomicBool;
-
     use super::*;
+    use crate::blockdev::hold::HoldDevice;
     use crate::blockdev::record::RecordingDevice;
     use crate::blockdev::MemDevice;
 
@@ -960,74 +959,9 @@ mod tests {
         assert_eq!(content(&fs, ino), want, "after remount");
     }
 
-    /// A device whose next write-back submission waits until released,
-    /// to look at the filesystem while a write-back is in flight.
-    struct Stall {
-        inner: Arc<MemDevice>,
-        armed: AtomicBool,
-        entered: Mutex<bool>,
-        released: Mutex<bool>,
-        cv: Condvar,
-    }
-
-    impl Stall {
-        fn new(inner: Arc<MemDevice>) -> Arc<Self> {
-            Arc::new(Self {
-                inner,
-                armed: false.into(),
-                entered: Mutex::new(false),
-                released: Mutex::new(false),
-                cv: Condvar::new(),
-            })
-        }
-
-        fn wait_entered(&self) {
-            let mut e = self.entered.lock();
-            while !*e {
-                self.cv.wait(&mut e);
-            }
-        }
-
-        fn release(&self) {
-            *self.released.lock() = true;
-            self.cv.notify_all();
-        }
-    }
-
-    impl BlockDevice for Stall {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-
-        fn submit(
-            &self,
-            dir: Direction,
-            buf: &IoBuffer<'_>,
-            ranges: &[IoRange],
-        ) -> std::result::Result<(), crate::blockdev::DeviceError> {
-            if matches!(dir, Direction::Write) && self.armed.swap(false, Ordering::SeqCst) {
-                *self.entered.lock() = true;
-                self.cv.notify_all();
-                let mut r = self.released.lock();
-                while !*r {
-                    self.cv.wait(&mut r);
-                }
-            }
-            self.inner.submit(dir, buf, ranges)
-        }
-
-        fn flush(&self) -> std::result::Result<(), crate::blockdev::DeviceError> {
-            self.inner.flush()
-        }
-
-        fn describe(&self) -> String {
-            "stall".into()
-        }
-    }
-
     #[test]
     fn st_blocks_hold_while_a_write_back_is_in_flight() {
-        let dev = Stall::new(fresh(4096));
+        let dev = HoldDevice::new(fresh(4096));
         let fs = Fs::mount(
             dev.clone() as Arc<dyn BlockDevice>,
             opts(DEFAULT_DIRTY_LIMIT),
@@ -1036,12 +970,12 @@ mod tests {
         let ino = new_file(&fs, b"f");
         fs.write(ino, 0, &bytes(1, 10 * BS as usize)).unwrap();
         assert_eq!(fs.getattr(ino).unwrap().blocks, 80);
-        dev.armed.store(true, Ordering::SeqCst);
+        dev.arm(Direction::Write);
         let t = {
             let fs = fs.clone();
             std::thread::spawn(move || fs.fsync(ROOT_INO))
         };
-        dev.wait_entered();
+        assert!(dev.wait_held(Duration::from_secs(10)));
         let mid = fs.getattr(ino).unwrap().blocks;
         dev.release();
         t.join().unwrap().unwrap();
@@ -1051,7 +985,7 @@ mod tests {
 
     #[test]
     fn rewriting_pages_in_flight_reserves_nothing_twice() {
-        let dev = Stall::new(fresh(4096));
+        let dev = HoldDevice::new(fresh(4096));
         let fs = Fs::mount(
             dev.clone() as Arc<dyn BlockDevice>,
             opts(DEFAULT_DIRTY_LIMIT),
@@ -1061,12 +995,12 @@ mod tests {
         let room = fs.state.read().room();
         fs.write(ino, 0, &bytes(1, (room * BS) as usize)).unwrap();
         assert_eq!(fs.state.read().room(), 0);
-        dev.armed.store(true, Ordering::SeqCst);
+        dev.arm(Direction::Write);
         let t = {
             let fs = fs.clone();
             std::thread::spawn(move || fs.write_back_some(CHUNK_PAGES))
         };
-        dev.wait_entered();
+        assert!(dev.wait_held(Duration::from_secs(10)));
         // A whole page, whose block the write-back in flight allocated.
         let r = fs.write(ino, 0, &bytes(2, BS as usize));
         dev.release();

@@ -696,6 +696,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::blockdev::hold::HoldDevice;
     use crate::blockdev::MemDevice;
 
     const ROOT: Caller = Caller { uid: 0, gid: 0 };
@@ -1049,79 +1050,13 @@ mod tests {
         fx.fs.unmount().unwrap();
     }
 
-    /// A memory device whose reads, while armed, wait at a gate the test
-    /// opens: a device stuck in the middle of an operation.
-    struct GateDevice {
-        inner: MemDevice,
-        armed: AtomicBool,
-        /// (a read is waiting, the gate is open)
-        gate: parking_lot::Mutex<(bool, bool)>,
-        changed: parking_lot::Condvar,
-    }
-
-    impl GateDevice {
-        fn wait_for_read(&self, timeout: Duration) -> bool {
-            let mut g = self.gate.lock();
-            let deadline = std::time::Instant::now() + timeout;
-            while !g.0 {
-                if self.changed.wait_until(&mut g, deadline).timed_out() {
-                    return false;
-                }
-            }
-            true
-        }
-        fn open(&self) {
-            self.armed.store(false, Ordering::SeqCst);
-            let mut g = self.gate.lock();
-            *g = (false, true);
-            self.changed.notify_all();
-        }
-        fn arm(&self) {
-            *self.gate.lock() = (false, false);
-            self.armed.store(true, Ordering::SeqCst);
-        }
-    }
-
-    impl BlockDevice for GateDevice {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn submit(
-            &self,
-            dir: Direction,
-            buf: &IoBuffer<'_>,
-            ranges: &[IoRange],
-        ) -> std::result::Result<(), crate::blockdev::DeviceError> {
-            if dir == Direction::Read && self.armed.load(Ordering::SeqCst) {
-                let mut g = self.gate.lock();
-                g.0 = true;
-                self.changed.notify_all();
-                while !g.1 {
-                    self.changed.wait(&mut g);
-                }
-            }
-            self.inner.submit(dir, buf, ranges)
-        }
-        fn flush(&self) -> std::result::Result<(), crate::blockdev::DeviceError> {
-            self.inner.flush()
-        }
-        fn describe(&self) -> String {
-            "gated memory device".into()
-        }
-    }
-
     /// Truncation to mid-block and a punch hole zero partial blocks by
     /// copy, which reads the device: while that read is stuck, metadata
     /// operations of other files (stat, create) still go through, and the
     /// result is right once the read completes.
     #[test]
     fn zeroing_by_copy_holds_no_state_lock_across_device_io() {
-        let dev = Arc::new(GateDevice {
-            inner: MemDevice::new(16 << 20),
-            armed: AtomicBool::new(false),
-            gate: parking_lot::Mutex::new((false, true)),
-            changed: parking_lot::Condvar::new(),
-        });
+        let dev = HoldDevice::new(Arc::new(MemDevice::new(16 << 20)));
         format(dev.as_ref(), ROOT).unwrap();
         let opts = MountOptions {
             commit_interval: Duration::from_secs(3600),
@@ -1151,13 +1086,13 @@ mod tests {
             ),
         ];
         for (k, (what, op)) in ops.into_iter().enumerate() {
-            dev.arm();
+            dev.arm(Direction::Read);
             let worker = {
                 let fs = fs.clone();
                 std::thread::spawn(move || op(&fs, a.ino))
             };
             assert!(
-                dev.wait_for_read(Duration::from_secs(10)),
+                dev.wait_held(Duration::from_secs(10)),
                 "{what}: no device read"
             );
             let (tx, rx) = mpsc::channel();
@@ -1172,7 +1107,7 @@ mod tests {
                 })
             };
             let served = rx.recv_timeout(Duration::from_secs(3));
-            dev.open();
+            dev.release();
             worker.join().unwrap().unwrap();
             other.join().unwrap();
             let fh = served
