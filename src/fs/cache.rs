@@ -959,14 +959,16 @@ mod tests {
         assert_eq!(content(&fs, ino), want, "after remount");
     }
 
+    /// A mount whose device holds transfers when the test arms it.
+    fn held_mount() -> (Arc<HoldDevice>, Arc<Fs>) {
+        let dev = HoldDevice::new(fresh(4096));
+        let fs = Fs::mount(dev.clone(), opts(DEFAULT_DIRTY_LIMIT)).unwrap();
+        (dev, fs)
+    }
+
     #[test]
     fn st_blocks_hold_while_a_write_back_is_in_flight() {
-        let dev = HoldDevice::new(fresh(4096));
-        let fs = Fs::mount(
-            dev.clone() as Arc<dyn BlockDevice>,
-            opts(DEFAULT_DIRTY_LIMIT),
-        )
-        .unwrap();
+        let (dev, fs) = held_mount();
         let ino = new_file(&fs, b"f");
         fs.write(ino, 0, &bytes(1, 10 * BS as usize)).unwrap();
         assert_eq!(fs.getattr(ino).unwrap().blocks, 80);
@@ -985,12 +987,7 @@ mod tests {
 
     #[test]
     fn rewriting_pages_in_flight_reserves_nothing_twice() {
-        let dev = HoldDevice::new(fresh(4096));
-        let fs = Fs::mount(
-            dev.clone() as Arc<dyn BlockDevice>,
-            opts(DEFAULT_DIRTY_LIMIT),
-        )
-        .unwrap();
+        let (dev, fs) = held_mount();
         let ino = new_file(&fs, b"f");
         let room = fs.state.read().room();
         fs.write(ino, 0, &bytes(1, (room * BS) as usize)).unwrap();
