@@ -39,11 +39,16 @@ use crate::uapi::{self, DecodeError, Request as Ioctl};
 /// Always FOPEN_NOFLUSH: `flush` has nothing to do (writes reach the fs
 /// at once; data is made durable by fsync and the periodic commit), so
 /// close(2) need not wait for a round trip to the daemon.
+///
+/// Always FOPEN_PARALLEL_DIRECT_WRITES: O_DIRECT writes that do not grow
+/// the file need not hold the inode lock alone; the fs orders writes to
+/// one file itself (its io lock and the write-back cache's file lock).
 fn cache_flags(keep_cache: bool) -> FopenFlags {
+    let always = FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
     if keep_cache {
-        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+        FopenFlags::FOPEN_KEEP_CACHE | always
     } else {
-        FopenFlags::FOPEN_NOFLUSH
+        always
     }
 }
 
@@ -371,6 +376,10 @@ impl fuser::Filesystem for FuseFs {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // An asynchronous O_DIRECT request (libaio, io_uring) goes down as
+        // background requests served at once by several workers, not one
+        // after another inside io_submit.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         // fuser asks for max_pages from MAX_WRITE (256 pages = 1 MiB).
         Ok(())
     }
