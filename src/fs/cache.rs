@@ -6,9 +6,10 @@
 //! What it promises, and how:
 //! - Room: blocks for new data are reserved at `write()` (ENOSPC there,
 //!   never at write-back); `State::delalloc` counts them.
-//! - Memory: at most `MountOptions::dirty_limit` bytes of pages. A writer
-//!   over the limit writes back before it adds more; the flusher thread
-//!   starts at half the limit, so a streaming writer overlaps the device.
+//! - Memory: at most `MountOptions::dirty_limit` bytes of pages (and as
+//!   many again, at most, pooled for reuse). A writer over the limit writes
+//!   back before it adds more; the flusher thread starts at an eighth of
+//!   the limit, so a streaming writer overlaps the device.
 //! - Coherency: reads, token transfers, truncate, fallocate and SEEK_DATA
 //!   write the inode back first, so below this layer the device is the
 //!   file's only copy. Attributes shown while data is cached (size, mtime,
@@ -21,7 +22,8 @@
 //!   and new blocks only become part of a file once their data is written.
 //!
 //! Lock order: `gate`, the inode's io lock, `writeback`, `state`, one
-//! file's `Dirty`; the map of files is never held while waiting for another.
+//! file's `Dirty`; the map of files and the page pool are never held while
+//! waiting for another lock.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
