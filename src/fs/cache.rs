@@ -6,8 +6,9 @@
 //! What it promises, and how:
 //! - Room: blocks for new data are reserved at `write()` (ENOSPC there,
 //!   never at write-back); `State::delalloc` counts them.
-//! - Memory: at most `MountOptions::dirty_limit` bytes of pages (and as
-//!   many again, at most, pooled for reuse). A writer over the limit writes
+//! - Memory: at most `MountOptions::dirty_limit` bytes of pages, busy and
+//!   pooled for reuse together (the pool holds only pages once busy, up to
+//!   the limit's worth). A writer over the limit writes
 //!   back before it adds more; the flusher thread starts at an eighth of
 //!   the limit, so a streaming writer overlaps the device.
 //! - Coherency: reads, token transfers, truncate, fallocate and SEEK_DATA
