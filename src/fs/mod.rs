@@ -163,7 +163,7 @@ pub struct MountOptions {
     /// Most bytes of `write()` data held in memory before write-back; 0
     /// writes through to the device (see `cache`).
     pub dirty_limit: u64,
-    /// A flusher thread writes back from half the dirty limit, so writers
+    /// A flusher thread writes back from an eighth of the dirty limit, so writers
     /// overlap the device. Off, only writers over the limit (and commits)
     /// write back: the same workload always makes the same device writes,
     /// which the crash-state explorer needs to replay a state.
