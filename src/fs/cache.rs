@@ -84,6 +84,8 @@ struct Dirty {
     /// Of those, the blocks that were holes: the write-back maps them, so
     /// a write to one reserves nothing, and `stat` still counts them.
     flight_holes: std::collections::BTreeSet<u64>,
+    /// `write_back_inode` is writing the whole file back: writers wait.
+    draining: bool,
 }
 
 struct Page {
@@ -251,6 +253,13 @@ impl Fs {
                 .or_insert_with(|| Arc::new(Mutex::new(Dirty::new(&i.attrs))))
                 .clone();
             let mut d = entry.lock();
+            if d.draining && wb.is_none() {
+                // Wait for the drain (it holds `writeback`), then plan again.
+                drop(d);
+                drop(st);
+                drop(self.cache.writeback.lock());
+                continue;
+            }
             let mut zeroed: Vec<(u64, bool)> = Vec::new();
             let mut fills: Vec<(u64, u64)> = Vec::new();
             for r in runs(i, fb, lb + 1 - fb) {
@@ -385,15 +394,29 @@ impl Fs {
             return Ok(());
         }
         let mut wb = self.cache.writeback.lock();
+        // New writes to the file wait while it drains (they wait on
+        // `writeback`, held here): a reader must not chase a writer that
+        // keeps adding pages.
+        let entry = self.cache.files.lock().get(&ino).cloned();
+        if let Some(e) = &entry {
+            e.lock().draining = true;
+        }
         let buf = run_buffer(&mut wb);
+        let mut result = Ok(());
         while self.cache.holds(ino) {
             let taken = self.take(Some(ino), CHUNK_PAGES, buf);
             if taken.is_empty() {
                 break;
             }
-            self.write_back(taken, buf)?;
+            if let Err(e) = self.write_back(taken, buf) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        if let Some(e) = &entry {
+            e.lock().draining = false;
+        }
+        result
     }
 
     /// Writes back every file. `bounded`: at most what is cached now (a
@@ -763,6 +786,7 @@ impl Dirty {
             reserved: 0,
             writing: false,
             flight_holes: Default::default(),
+            draining: false,
         }
     }
 }
