@@ -240,11 +240,7 @@ impl Fs {
         loop {
             let mut st = self.state.write();
             let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
-            match i.attrs.kind {
-                Kind::File => {}
-                Kind::Dir => return Err(FsError::IsDir),
-                _ => return Err(FsError::Invalid("write to a special file")),
-            }
+            Self::check_write_target(i)?;
             let entry = self
                 .cache
                 .files

@@ -296,11 +296,7 @@ impl Fs {
         let plan: Vec<(u64, u64, u64, bool)> = {
             let mut st = self.state.write();
             let i = st.meta.get(ino).ok_or(FsError::NotFound)?;
-            match i.attrs.kind {
-                Kind::File => {}
-                Kind::Dir => return Err(FsError::IsDir),
-                _ => return Err(FsError::Invalid("write to a special file")),
-            }
+            Self::check_write_target(i)?;
             let existing = runs(i, fb, nblocks);
             let mut hint = i
                 .extents
@@ -377,6 +373,16 @@ impl Fs {
         a.ctime = now;
         self.log(&mut st, Record::Inode(a.clone()));
         Ok((data.len(), Some(a)))
+    }
+
+    /// Only a regular file takes write(): EISDIR for a directory, EINVAL
+    /// for the rest (the cached and the direct path alike).
+    pub(super) fn check_write_target(i: &meta::Inode) -> Result<()> {
+        match i.attrs.kind {
+            Kind::File => Ok(()),
+            Kind::Dir => Err(FsError::IsDir),
+            _ => Err(FsError::Invalid("write to a special file")),
+        }
     }
 
     pub(super) fn maps(i: &meta::Inode, dev: u64) -> bool {
